@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtual environment in .venv and install what is missing.
+# Usage: bash .ci/setup.sh [--with-browser]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+VPY=.venv/bin/python
+stamp=.venv/.setup-stamp
+want="$(sha256sum pyproject.toml .ci/setup.sh | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  "$VPY" -m pip install -q --upgrade pip
+  # torch/torchvision are pinned here (pip takes them from the machine's disk where available).
+  "$VPY" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+  # facenet-pytorch pins torch<2.3 in its metadata but works with torch 2.14: install without deps.
+  "$VPY" -m pip install -q --no-deps "facenet-pytorch==2.6.0"
+  "$VPY" -m pip install -q -e ".[dev]"
+  echo "$want" > "$stamp"
+fi
+if [ "${1:-}" = "--with-browser" ] && [ ! -x /usr/bin/chromium ]; then
+  if command -v apt-get >/dev/null; then
+    (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null
+  fi
+fi

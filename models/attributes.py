@@ -1,0 +1,121 @@
+"""Attribute names and codings shared by training and serving.
+
+Labels are binary (0/1). A generator is conditioned on either
+
+* the **difference** ``c_diff = c_trg - c_src`` in [-1, 1] (STGAN), where 0 means "keep", or
+* the **target** ``c_trg`` coded in [-1, 1] (AttGAN, MU-GAN, StarGAN).
+
+:func:`condition_vector` turns (source labels, requested difference) into what a model expects, so
+callers (training, evaluation, server) only ever deal with differences: a zero difference always
+means "reconstruct", whatever the model's conditioning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+CELEBA_ATTRIBUTES: tuple[str, ...] = (
+    "5_o_Clock_Shadow",
+    "Arched_Eyebrows",
+    "Attractive",
+    "Bags_Under_Eyes",
+    "Bald",
+    "Bangs",
+    "Big_Lips",
+    "Big_Nose",
+    "Black_Hair",
+    "Blond_Hair",
+    "Blurry",
+    "Brown_Hair",
+    "Bushy_Eyebrows",
+    "Chubby",
+    "Double_Chin",
+    "Eyeglasses",
+    "Goatee",
+    "Gray_Hair",
+    "Heavy_Makeup",
+    "High_Cheekbones",
+    "Male",
+    "Mouth_Slightly_Open",
+    "Mustache",
+    "Narrow_Eyes",
+    "No_Beard",
+    "Oval_Face",
+    "Pale_Skin",
+    "Pointy_Nose",
+    "Receding_Hairline",
+    "Rosy_Cheeks",
+    "Sideburns",
+    "Smiling",
+    "Straight_Hair",
+    "Wavy_Hair",
+    "Wearing_Earrings",
+    "Wearing_Hat",
+    "Wearing_Lipstick",
+    "Wearing_Necklace",
+    "Wearing_Necktie",
+    "Young",
+)
+
+#: The 13 attributes STGAN (and AttGAN's comparison) edit.
+STGAN_ATTRIBUTES: tuple[str, ...] = (
+    "Bald",
+    "Bangs",
+    "Black_Hair",
+    "Blond_Hair",
+    "Brown_Hair",
+    "Bushy_Eyebrows",
+    "Eyeglasses",
+    "Male",
+    "Mouth_Slightly_Open",
+    "Mustache",
+    "No_Beard",
+    "Pale_Skin",
+    "Young",
+)
+
+#: Groups of attributes of which at most one may be on at a time.
+EXCLUSIVE_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("Black_Hair", "Blond_Hair", "Brown_Hair", "Gray_Hair"),
+    ("Straight_Hair", "Wavy_Hair"),
+)
+
+CONDITIONING_MODES = ("diff", "target")
+
+
+def validate_attributes(names: Sequence[str]) -> tuple[str, ...]:
+    """Return ``names`` as a tuple, raising ``ValueError`` naming any unknown or repeated attribute."""
+    unknown = [n for n in names if n not in CELEBA_ATTRIBUTES]
+    if unknown:
+        raise ValueError(f"unknown attribute name(s): {', '.join(unknown)}")
+    repeated = sorted({n for n in names if list(names).count(n) > 1})
+    if repeated:
+        raise ValueError(f"repeated attribute name(s): {', '.join(repeated)}")
+    if not names:
+        raise ValueError("at least one attribute is needed")
+    return tuple(names)
+
+
+def exclusive_groups_for(names: Sequence[str]) -> list[list[int]]:
+    """Index groups (into ``names``) of mutually exclusive attributes with at least two members."""
+    groups = []
+    for group in EXCLUSIVE_GROUPS:
+        idx = [names.index(n) for n in group if n in names]
+        if len(idx) >= 2:
+            groups.append(idx)
+    return groups
+
+
+def condition_vector(c_src: torch.Tensor, c_diff: torch.Tensor, mode: str) -> torch.Tensor:
+    """What a generator is fed, from source labels in [0, 1] and a requested difference in [-1, 1].
+
+    ``diff`` models see the difference itself. ``target`` models see the target coded in [-1, 1]:
+    ``2 * clamp(c_src + c_diff, 0, 1) - 1``; a zero difference gives back the source coding.
+    """
+    if mode == "diff":
+        return c_diff
+    if mode == "target":
+        return 2.0 * (c_src + c_diff).clamp(0.0, 1.0) - 1.0
+    raise ValueError(f"unknown conditioning mode {mode!r}; expected one of {CONDITIONING_MODES}")

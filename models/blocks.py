@@ -1,0 +1,157 @@
+"""Shared building blocks: conv/deconv blocks, SAGAN self-attention, STGAN's STU, MU-GAN's AUC."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def norm_layer(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "instance":
+        return nn.InstanceNorm2d(channels, affine=True)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown norm {kind!r}")
+
+
+def activation(kind: str) -> nn.Module:
+    if kind == "lrelu":
+        return nn.LeakyReLU(0.2)
+    if kind == "relu":
+        return nn.ReLU()
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown activation {kind!r}")
+
+
+class ConvBlock(nn.Sequential):
+    """Conv (default 4x4 stride 2) + norm + activation; no conv bias when a norm follows."""
+
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        *,
+        kernel: int = 4,
+        stride: int = 2,
+        padding: int = 1,
+        norm: str = "batch",
+        act: str = "lrelu",
+        transposed: bool = False,
+    ) -> None:
+        conv_cls = nn.ConvTranspose2d if transposed else nn.Conv2d
+        super().__init__(
+            conv_cls(in_ch, out_ch, kernel, stride, padding, bias=norm == "none"),
+            norm_layer(norm, out_ch),
+            activation(act),
+        )
+
+
+def tile_condition(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Tile a (B, n) condition vector to (B, n, H, W) matching ``like``'s spatial size and dtype."""
+    b, n = c.shape
+    return c.to(like.dtype).view(b, n, 1, 1).expand(b, n, like.shape[2], like.shape[3])
+
+
+def cat_condition(h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    return torch.cat([h, tile_condition(c, h)], dim=1)
+
+
+class SelfAttention(nn.Module):
+    """SAGAN self-attention: ``gamma * softmax(Q K^T) V + x`` with gamma starting at 0."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        inner = max(channels // 8, 1)
+        self.query = nn.Conv2d(channels, inner, 1)
+        self.key = nn.Conv2d(channels, inner, 1)
+        self.value = nn.Conv2d(channels, channels, 1)
+        self.gamma = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q = self.query(x).flatten(2).transpose(1, 2)  # B, HW, C/8
+        k = self.key(x).flatten(2).transpose(1, 2)
+        v = self.value(x).flatten(2).transpose(1, 2)  # B, HW, C
+        # SAGAN has no 1/sqrt(d) scaling; keep the paper's softmax(Q K^T).
+        o = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), scale=1.0)
+        o = o.squeeze(1).transpose(1, 2).reshape(b, c, h, w)
+        return self.gamma.to(o.dtype) * o + x
+
+
+class SelectiveTransferUnit(nn.Module):
+    """STGAN's STU: a GRU-like cell that selects what of an encoder feature reaches the decoder.
+
+    ``s_hat = deconv([state, c])`` brings the deeper state up one resolution; reset ``r`` and update
+    ``z`` gates read ``[f_enc, s_hat]``; ``s = r * s_hat`` is passed on as the next state and
+    ``f_t = (1 - z) * s_hat + z * tanh(W_h [f_enc, s])`` goes to the decoder.
+    """
+
+    def __init__(self, enc_ch: int, state_ch: int, n_attrs: int, kernel: int = 3) -> None:
+        super().__init__()
+        pad = kernel // 2
+        self.upsample = nn.ConvTranspose2d(state_ch + n_attrs, enc_ch, 4, 2, 1)
+        self.reset_gate = nn.Conv2d(2 * enc_ch, enc_ch, kernel, padding=pad)
+        self.update_gate = nn.Conv2d(2 * enc_ch, enc_ch, kernel, padding=pad)
+        self.hidden = nn.Conv2d(2 * enc_ch, enc_ch, kernel, padding=pad)
+        self.last_gates: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, f_enc: torch.Tensor, state: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s_hat = self.upsample(cat_condition(state, c))
+        both = torch.cat([f_enc, s_hat], dim=1)
+        r = torch.sigmoid(self.reset_gate(both))
+        z = torch.sigmoid(self.update_gate(both))
+        s_new = r * s_hat
+        f_hat = torch.tanh(self.hidden(torch.cat([f_enc, s_new], dim=1)))
+        f_t = (1 - z) * s_hat + z * f_hat
+        self.last_gates = (r.detach(), z.detach())
+        return f_t, s_new
+
+
+class AttentionUNetConnection(nn.Module):
+    """MU-GAN's AUC: an additive attention gate that weights an encoder feature before concatenation.
+
+    ``psi = sigmoid(N(W_psi * relu(N(W_g * g) + N(W_x * x))))`` (one channel); returns ``x * psi``.
+    """
+
+    def __init__(self, enc_ch: int, dec_ch: int, inner_ch: int, norm: str = "batch") -> None:
+        super().__init__()
+        self.w_g = nn.Sequential(nn.Conv2d(dec_ch, inner_ch, 1, bias=norm == "none"), norm_layer(norm, inner_ch))
+        self.w_x = nn.Sequential(nn.Conv2d(enc_ch, inner_ch, 1, bias=norm == "none"), norm_layer(norm, inner_ch))
+        self.psi = nn.Sequential(nn.Conv2d(inner_ch, 1, 1, bias=norm == "none"), norm_layer(norm, 1))
+        self.last_psi: torch.Tensor | None = None
+
+    def forward(self, x_enc: torch.Tensor, g_dec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        psi = torch.sigmoid(self.psi(F.relu(self.w_g(g_dec) + self.w_x(x_enc))))
+        self.last_psi = psi.detach()
+        return x_enc * psi, psi
+
+
+class ResidualBlock(nn.Module):
+    """StarGAN residual block: conv3x3-norm-ReLU-conv3x3-norm plus identity."""
+
+    def __init__(self, channels: int, norm: str = "instance") -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            ConvBlock(channels, channels, kernel=3, stride=1, padding=1, norm=norm, act="relu"),
+            ConvBlock(channels, channels, kernel=3, stride=1, padding=1, norm=norm, act="none"),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+def conv_trunk(
+    in_ch: int, base: int, max_ch: int, n_layers: int, norm: str, act: str = "lrelu"
+) -> tuple[nn.ModuleList, list[int]]:
+    """``n_layers`` stride-2 4x4 conv blocks with channels ``min(base * 2**i, max_ch)``."""
+    layers, channels = nn.ModuleList(), []
+    for i in range(n_layers):
+        out_ch = min(base * 2**i, max_ch)
+        layers.append(ConvBlock(in_ch, out_ch, norm=norm, act=act))
+        channels.append(out_ch)
+        in_ch = out_ch
+    return layers, channels

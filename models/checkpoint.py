@@ -1,0 +1,200 @@
+"""Released checkpoints: a folder with ``model.safetensors`` + ``config.json`` (+ ``card.md``).
+
+Loading never unpickles anything: tensors come from safetensors, everything else from JSON. A folder
+whose config does not match its tensors is refused with an error that names the mismatch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from models.registry import build, config_dict, get_architecture, parse_config
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+CARD_FILE = "card.md"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded; the message says why."""
+
+
+@dataclass
+class ModelInfo:
+    """Everything ``config.json`` says about a released model, next to the built network."""
+
+    name: str
+    architecture: str
+    kind: str
+    config: Any
+    attributes: tuple[str, ...]
+    image_size: int
+    conditioning: str | None = None
+    mask_head: bool = False
+    alignment_template: dict[str, Any] | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def contiguous_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with contiguous, non-shared CPU tensors (what safetensors can store)."""
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_pretrained(
+    folder: str | Path,
+    model: nn.Module,
+    *,
+    architecture: str,
+    name: str | None = None,
+    alignment_template: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    card: str | None = None,
+) -> Path:
+    """Write ``model.safetensors`` and ``config.json`` (and ``card.md`` if given) into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    arch = get_architecture(architecture)
+    cfg = model.config  # type: ignore[attr-defined]
+    doc: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "name": name or folder.name,
+        "architecture": architecture,
+        "kind": arch.kind,
+        "config": config_dict(cfg),
+        "attributes": list(getattr(cfg, "attributes", ())),
+        "image_size": cfg.image_size,
+        "conditioning": getattr(cfg, "conditioning", None),
+        "mask_head": bool(getattr(cfg, "mask_head", False)),
+        "alignment_template": alignment_template,
+        "metrics": metrics or {},
+        "training": training or {},
+        "extra": extra or {},
+    }
+    atomic_save_tensors(folder / WEIGHTS_FILE, contiguous_state_dict(model), metadata={"format": "pt"})
+    atomic_write_bytes(folder / CONFIG_FILE, (json.dumps(doc, indent=2) + "\n").encode())
+    if card is not None:
+        atomic_write_bytes(folder / CARD_FILE, card.encode())
+    return folder
+
+
+def read_config(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / CONFIG_FILE
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    version = doc.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {version!r} is not supported (expected {FORMAT_VERSION})")
+    for key in ("architecture", "config"):
+        if key not in doc:
+            raise CheckpointError(f"{path}: missing key {key!r}")
+    return doc
+
+
+def check_state_dict(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> None:
+    """Raise ``CheckpointError`` naming missing, unexpected and wrongly shaped tensors."""
+    problems = []
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing:
+        problems.append(f"missing tensor(s): {', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}")
+    if unexpected:
+        problems.append(f"unexpected tensor(s): {', '.join(unexpected[:8])}{' …' if len(unexpected) > 8 else ''}")
+    for key in sorted(set(expected) & set(found)):
+        if tuple(expected[key].shape) != tuple(found[key].shape):
+            problems.append(
+                f"shape mismatch for {key}: config gives {tuple(expected[key].shape)}, "
+                f"file has {tuple(found[key].shape)}"
+            )
+    if problems:
+        raise CheckpointError("; ".join(problems))
+
+
+def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelInfo]:
+    """Build the network from ``config.json`` and load ``model.safetensors`` (eval mode)."""
+    folder = Path(folder)
+    doc = read_config(folder)
+    architecture = doc["architecture"]
+    try:
+        config = parse_config(architecture, doc["config"])
+    except ValueError as exc:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: {exc}") from None
+    model = build(architecture, config)
+    attributes = tuple(doc.get("attributes") or getattr(config, "attributes", ()))
+    if hasattr(config, "attributes") and tuple(config.attributes) != attributes:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: 'attributes' does not match config.attributes")
+    try:
+        tensors = load_file(str(folder / WEIGHTS_FILE))
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder / WEIGHTS_FILE}: missing") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{folder / WEIGHTS_FILE}: unreadable ({exc})") from None
+    check_state_dict(model.state_dict(), tensors)
+    model.load_state_dict(tensors)
+    model.to(device).eval()
+    info = ModelInfo(
+        name=doc.get("name") or folder.name,
+        architecture=architecture,
+        kind=get_architecture(architecture).kind,
+        config=config,
+        attributes=attributes,
+        image_size=int(doc.get("image_size") or config.image_size),
+        conditioning=doc.get("conditioning"),
+        mask_head=bool(doc.get("mask_head", False)),
+        alignment_template=doc.get("alignment_template"),
+        metrics=doc.get("metrics") or {},
+        training=doc.get("training") or {},
+        extra=doc.get("extra") or {},
+    )
+    return model, info

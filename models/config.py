@@ -1,0 +1,183 @@
+"""Typed configurations of every network, serialisable to and from JSON-friendly dicts."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from models.attributes import CELEBA_ATTRIBUTES, CONDITIONING_MODES, STGAN_ATTRIBUTES, validate_attributes
+
+NORMS = ("batch", "instance", "none")
+SKIPS = ("none", "concat", "stu", "auc")
+
+
+@dataclass
+class EncoderDecoderConfig:
+    """AttGAN-shaped generator. AttGAN, STGAN and MU-GAN are configurations of it.
+
+    Encoder: ``n_layers`` conv 4x4 stride 2 (+norm, LeakyReLU), channels ``base * 2**i`` capped at
+    ``max_channels``. Decoder: mirrored transposed convs with the paper's widths (twice the matching
+    encoder feature), tanh output. The condition vector is tiled at the bottleneck and after the
+    first ``n_inject_layers`` decoder layers. ``skip`` picks one kind of skip connection for the first
+    ``n_skip_layers`` decoder layers: plain concat (AttGAN), STU (STGAN) or AUC (MU-GAN).
+    """
+
+    attributes: tuple[str, ...] = STGAN_ATTRIBUTES
+    image_size: int = 128
+    conditioning: str = "diff"
+    mask_head: bool = False
+    base_channels: int = 64
+    max_channels: int = 1024
+    n_layers: int = 5
+    norm: str = "batch"
+    skip: str = "stu"
+    n_skip_layers: int = 4
+    n_inject_layers: int = 4
+    stu_kernel: int = 3
+    #: MU-GAN: two 3x3 conv + norm + ReLU after each skip concatenation.
+    skip_conv_block: bool = False
+    #: Encoder layer indices (0 = first, highest resolution) followed by SAGAN self-attention.
+    enc_attention: tuple[int, ...] = ()
+    #: Decoder layer indices (0 = first, lowest resolution) followed by self-attention.
+    dec_attention: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.attributes = validate_attributes(self.attributes)
+        _check_choice("conditioning", self.conditioning, CONDITIONING_MODES)
+        _check_choice("norm", self.norm, NORMS)
+        _check_choice("skip", self.skip, SKIPS)
+        if self.image_size % (2**self.n_layers):
+            raise ValueError(f"image_size {self.image_size} is not divisible by 2**n_layers ({2**self.n_layers})")
+        if not 0 <= self.n_skip_layers <= self.n_layers - 1:
+            raise ValueError(f"n_skip_layers must be in [0, {self.n_layers - 1}]")
+        if not 0 <= self.n_inject_layers <= self.n_layers - 1:
+            raise ValueError(f"n_inject_layers must be in [0, {self.n_layers - 1}]")
+        for name, idx in (("enc_attention", self.enc_attention), ("dec_attention", self.dec_attention)):
+            bad = [i for i in idx if not 0 <= i < self.n_layers - 1]
+            if bad:
+                raise ValueError(f"{name} indices {bad} out of range [0, {self.n_layers - 2}]")
+
+    @property
+    def n_attrs(self) -> int:
+        return len(self.attributes)
+
+
+@dataclass
+class StarGANConfig:
+    """StarGAN generator: target labels tiled and concatenated to the input image."""
+
+    attributes: tuple[str, ...] = STGAN_ATTRIBUTES
+    image_size: int = 128
+    conditioning: str = "target"
+    mask_head: bool = False
+    base_channels: int = 64
+    n_down: int = 2
+    n_res_blocks: int = 6
+    norm: str = "instance"
+
+    def __post_init__(self) -> None:
+        self.attributes = validate_attributes(self.attributes)
+        _check_choice("conditioning", self.conditioning, CONDITIONING_MODES)
+        _check_choice("norm", self.norm, NORMS)
+
+    @property
+    def n_attrs(self) -> int:
+        return len(self.attributes)
+
+
+@dataclass
+class DiscriminatorConfig:
+    """Conv trunk with an adversarial head and an attribute-classification head (AttGAN/STGAN)."""
+
+    n_attrs: int = 13
+    image_size: int = 128
+    base_channels: int = 64
+    max_channels: int = 1024
+    n_layers: int = 5
+    fc_dim: int = 1024
+    norm: str = "instance"
+
+    def __post_init__(self) -> None:
+        _check_choice("norm", self.norm, NORMS)
+
+
+@dataclass
+class ClassifierConfig:
+    """The project's attribute classifier (evaluation, and the server's current-attribute estimate)."""
+
+    attributes: tuple[str, ...] = CELEBA_ATTRIBUTES
+    image_size: int = 128
+    base_channels: int = 32
+    max_channels: int = 256
+    n_layers: int = 5
+    dropout: float = 0.2
+    norm: str = field(default="batch")
+
+    def __post_init__(self) -> None:
+        self.attributes = validate_attributes(self.attributes)
+        _check_choice("norm", self.norm, NORMS)
+
+    @property
+    def n_attrs(self) -> int:
+        return len(self.attributes)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+AnyConfig = EncoderDecoderConfig | StarGANConfig | DiscriminatorConfig | ClassifierConfig
+C = TypeVar("C")
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-friendly dict (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+
+
+def config_from_dict(config_cls: type[C], data: dict[str, Any]) -> C:
+    """Build ``config_cls`` from ``data``; unknown keys or wrong types raise ``ValueError`` naming them."""
+    known = {f.name: f for f in dataclasses.fields(config_cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"{config_cls.__name__}: unknown field(s) {', '.join(unknown)}")
+    hints = typing.get_type_hints(config_cls)
+    kwargs = {}
+    for key, value in data.items():
+        kwargs[key] = _coerce(config_cls.__name__, key, hints[key], value)
+    try:
+        return config_cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - dataclass signature errors
+        raise ValueError(f"{config_cls.__name__}: {exc}") from exc
+
+
+def _coerce(owner: str, key: str, hint: Any, value: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"{owner}.{key}: expected a list, got {type(value).__name__}")
+        (item_type, _) = typing.get_args(hint)
+        return tuple(_coerce(owner, key, item_type, v) for v in value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{owner}.{key}: expected a boolean, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{owner}.{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{owner}.{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{owner}.{key}: expected a string, got {value!r}")
+        return value
+    if isinstance(hint, types.UnionType):  # pragma: no cover - not used by the configs yet
+        return value
+    return value

@@ -1,0 +1,197 @@
+"""Attribute-editing generators.
+
+Every generator exposes ``encode(x) -> Encoded`` and ``decode(encoded, c) -> (image, mask)`` so a
+caller can keep a photo's encoder features and re-run only the decoder when a slider moves; the
+one-call ``forward(x, c)`` is exactly ``decode(encode(x), c)``. ``c`` is the model's condition vector
+(see :func:`models.attributes.condition_vector`). Images are in [-1, 1], masks in [0, 1].
+
+With ``mask_head`` the decoder predicts a spatial attention mask ``b`` next to the edited image and
+returns ``b * x_edit + (1 - b) * x`` (SaGAN / AttentionGAN). Without it, the returned mask is the
+per-pixel change normalised to [0, 1], so callers always get something to overlay.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from models.blocks import (
+    AttentionUNetConnection,
+    ConvBlock,
+    ResidualBlock,
+    SelectiveTransferUnit,
+    SelfAttention,
+    cat_condition,
+    conv_trunk,
+)
+from models.config import EncoderDecoderConfig, StarGANConfig
+
+
+class Encoded(NamedTuple):
+    """What ``encode`` returns: the input image and the encoder features (shallow to deep)."""
+
+    x: torch.Tensor
+    features: tuple[torch.Tensor, ...]
+
+    def select(self, index: torch.Tensor | slice | int) -> Encoded:
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+        return Encoded(self.x[index], tuple(f[index] for f in self.features))
+
+    @staticmethod
+    def cat(items: list[Encoded]) -> Encoded:
+        n = len(items[0].features)
+        return Encoded(
+            torch.cat([e.x for e in items]), tuple(torch.cat([e.features[i] for e in items]) for i in range(n))
+        )
+
+
+def change_mask(x_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-pixel mean absolute change, normalised per image to [0, 1] (for models without a mask head)."""
+    d = (x_out.float() - x.float()).abs().mean(dim=1, keepdim=True)
+    return d / d.amax(dim=(2, 3), keepdim=True).clamp_min(1e-6)
+
+
+class AttributeGenerator(nn.Module):
+    """Common interface and output head of all generators."""
+
+    config: EncoderDecoderConfig | StarGANConfig
+
+    def encode(self, x: torch.Tensor) -> Encoded:
+        raise NotImplementedError
+
+    def decode(self, encoded: Encoded, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output image, mask): the blended image with a mask head, else the raw edit and its change map."""
+        x_edit, mask = self.decode_parts(encoded, c)
+        if mask is not None:
+            return mask * x_edit + (1 - mask) * encoded.x.to(x_edit.dtype), mask
+        return x_edit, change_mask(x_edit, encoded.x)
+
+    def decode_parts(self, encoded: Encoded, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(raw edited image before blending, mask from the head or None)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.decode(self.encode(x), c)
+
+    def _split_head(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x_edit = torch.tanh(raw[:, :3])
+        return x_edit, torch.sigmoid(raw[:, 3:4]) if self.config.mask_head else None
+
+
+class EncoderDecoderGenerator(AttributeGenerator):
+    """AttGAN-shaped encoder/decoder with concat, STU or AUC skips and optional self-attention."""
+
+    def __init__(self, config: EncoderDecoderConfig) -> None:
+        super().__init__()
+        self.config = cfg = config
+        n, a = cfg.n_layers, cfg.n_attrs
+        self.encoder, enc_ch = conv_trunk(3, cfg.base_channels, cfg.max_channels, n, cfg.norm)
+        self.enc_attention = nn.ModuleDict({str(i): SelfAttention(enc_ch[i]) for i in cfg.enc_attention})
+
+        # STU chain from the bottleneck outwards (independent of the decoder's own features).
+        self.stus = nn.ModuleList()
+        if cfg.skip == "stu":
+            state_ch = enc_ch[n - 1]
+            for j in range(cfg.n_skip_layers):
+                skip_ch = enc_ch[n - 2 - j]
+                self.stus.append(SelectiveTransferUnit(skip_ch, state_ch, a, cfg.stu_kernel))
+                state_ch = skip_ch
+
+        self.decoder = nn.ModuleList()
+        self.aucs = nn.ModuleList()
+        self.skip_blocks = nn.ModuleList()
+        self.dec_attention = nn.ModuleDict()
+        in_ch = enc_ch[n - 1] + a
+        for j in range(n - 1):
+            out_ch = min(cfg.base_channels * 2 ** (n - 1 - j), cfg.max_channels)
+            self.decoder.append(ConvBlock(in_ch, out_ch, norm=cfg.norm, act="relu", transposed=True))
+            in_ch = out_ch
+            if cfg.skip != "none" and j < cfg.n_skip_layers:
+                skip_ch = enc_ch[n - 2 - j]
+                if cfg.skip == "auc":
+                    self.aucs.append(AttentionUNetConnection(skip_ch, out_ch, max(skip_ch // 2, 1), cfg.norm))
+                in_ch += skip_ch
+                if cfg.skip_conv_block:
+                    self.skip_blocks.append(
+                        nn.Sequential(
+                            ConvBlock(in_ch, out_ch, kernel=3, stride=1, padding=1, norm=cfg.norm, act="relu"),
+                            ConvBlock(out_ch, out_ch, kernel=3, stride=1, padding=1, norm=cfg.norm, act="relu"),
+                        )
+                    )
+                    in_ch = out_ch
+            if j < cfg.n_inject_layers:
+                in_ch += a
+            if j in cfg.dec_attention:
+                self.dec_attention[str(j)] = SelfAttention(in_ch)
+        out_channels = 4 if cfg.mask_head else 3
+        self.to_image = nn.ConvTranspose2d(in_ch, out_channels, 4, 2, 1)
+
+    def encode(self, x: torch.Tensor) -> Encoded:
+        feats, h = [], x
+        for i, layer in enumerate(self.encoder):
+            h = layer(h)
+            if str(i) in self.enc_attention:
+                h = self.enc_attention[str(i)](h)
+            feats.append(h)
+        return Encoded(x, tuple(feats))
+
+    def decode_parts(self, encoded: Encoded, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cfg, feats = self.config, encoded.features
+        n = cfg.n_layers
+        skips = list(feats[n - 2 - j] for j in range(cfg.n_skip_layers)) if cfg.skip != "none" else []
+        if cfg.skip == "stu":
+            state, transferred = feats[n - 1], []
+            for j, stu in enumerate(self.stus):
+                f_t, state = stu(skips[j], state, c)
+                transferred.append(f_t)
+            skips = transferred
+        h = cat_condition(feats[n - 1], c)
+        for j, layer in enumerate(self.decoder):
+            h = layer(h)
+            if j < len(skips):
+                skip = skips[j]
+                if cfg.skip == "auc":
+                    skip, _ = self.aucs[j](skip, h)
+                h = torch.cat([h, skip.to(h.dtype)], dim=1)
+                if cfg.skip_conv_block:
+                    h = self.skip_blocks[j](h)
+            if j < cfg.n_inject_layers:
+                h = cat_condition(h, c)
+            if str(j) in self.dec_attention:
+                h = self.dec_attention[str(j)](h)
+        return self._split_head(self.to_image(h))
+
+
+class StarGANGenerator(AttributeGenerator):
+    """StarGAN: labels tiled onto the input, down-sampling, residual blocks, up-sampling.
+
+    The condition enters at the input, so ``encode`` can only keep the image itself; every slider
+    move re-runs the whole network.
+    """
+
+    def __init__(self, config: StarGANConfig) -> None:
+        super().__init__()
+        self.config = cfg = config
+        ch = cfg.base_channels
+        layers: list[nn.Module] = [
+            ConvBlock(3 + cfg.n_attrs, ch, kernel=7, stride=1, padding=3, norm=cfg.norm, act="relu")
+        ]
+        for _ in range(cfg.n_down):
+            layers.append(ConvBlock(ch, ch * 2, kernel=4, stride=2, padding=1, norm=cfg.norm, act="relu"))
+            ch *= 2
+        layers += [ResidualBlock(ch, cfg.norm) for _ in range(cfg.n_res_blocks)]
+        for _ in range(cfg.n_down):
+            layers.append(ConvBlock(ch, ch // 2, norm=cfg.norm, act="relu", transposed=True))
+            ch //= 2
+        self.body = nn.Sequential(*layers)
+        self.to_image = nn.Conv2d(ch, 4 if cfg.mask_head else 3, 7, 1, 3)
+
+    def encode(self, x: torch.Tensor) -> Encoded:
+        return Encoded(x, ())
+
+    def decode_parts(self, encoded: Encoded, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h = self.body(cat_condition(encoded.x, c))
+        return self._split_head(self.to_image(h))

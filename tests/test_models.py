@@ -1,0 +1,169 @@
+"""The generator family: every registered architecture, the STU and AUC units, configs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from models.attributes import condition_vector, validate_attributes
+from models.blocks import AttentionUNetConnection, SelectiveTransferUnit, SelfAttention
+from models.config import EncoderDecoderConfig, config_from_dict, config_to_dict
+from models.generators import Encoded
+from models.registry import ARCHITECTURES, GENERATOR_ARCHITECTURES, all_presets, build, get_preset
+
+TINY_GENERATORS = [f"{a}-tiny" for a in GENERATOR_ARCHITECTURES]
+
+
+def _inputs(cfg, batch: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch, 3, cfg.image_size, cfg.image_size, generator=g) * 2 - 1
+    c = torch.randint(-1, 2, (batch, cfg.n_attrs), generator=g).float()
+    return x, c
+
+
+@pytest.mark.parametrize("preset", TINY_GENERATORS)
+@pytest.mark.parametrize("mask_head", [False, True])
+def test_generator_shapes_ranges_and_split_forward(preset: str, mask_head: bool) -> None:
+    arch, cfg = get_preset(preset)
+    cfg = dataclasses.replace(cfg, mask_head=mask_head)
+    gen = build(arch, cfg).eval()
+    x, c = _inputs(cfg)
+    with torch.no_grad():
+        y, mask = gen(x, c)
+        y2, mask2 = gen.decode(gen.encode(x), c)
+    assert y.shape == x.shape
+    assert mask.shape == (x.shape[0], 1, cfg.image_size, cfg.image_size)
+    assert float(y.min()) >= -1.0 and float(y.max()) <= 1.0
+    assert float(mask.min()) >= 0.0 and float(mask.max()) <= 1.0
+    torch.testing.assert_close(y, y2, rtol=0, atol=0)
+    torch.testing.assert_close(mask, mask2, rtol=0, atol=0)
+    # the condition matters: another condition gives another image
+    with torch.no_grad():
+        y3, _ = gen(x, -c)
+    assert not torch.allclose(y, y3)
+
+
+@pytest.mark.parametrize("preset", TINY_GENERATORS)
+def test_gradients_reach_every_parameter(preset: str) -> None:
+    arch, cfg = get_preset(preset)
+    cfg = dataclasses.replace(cfg, mask_head=True)
+    gen = build(arch, cfg).train()
+    for m in gen.modules():  # gamma starts at 0, which would block the attention branch's gradient
+        if isinstance(m, SelfAttention):
+            m.gamma.data.fill_(0.5)
+    x, c = _inputs(cfg, batch=4)
+    y, mask = gen(x, c)
+    (y.square().mean() + mask.mean()).backward()
+    dead = [n for n, p in gen.named_parameters() if p.grad is None or float(p.grad.abs().sum()) == 0]
+    assert not dead, f"no gradient for {dead}"
+
+
+def test_mask_head_blends_with_the_input() -> None:
+    arch, cfg = get_preset("stgan-tiny")
+    gen = build(arch, dataclasses.replace(cfg, mask_head=True)).eval()
+    x, c = _inputs(gen.config)
+    with torch.no_grad():
+        enc = gen.encode(x)
+        x_edit, mask = gen.decode_parts(enc, c)
+        y, mask2 = gen.decode(enc, c)
+    assert mask is not None
+    torch.testing.assert_close(y, mask * x_edit + (1 - mask) * x)
+    torch.testing.assert_close(mask, mask2)
+
+
+def test_models_without_mask_head_return_normalised_change() -> None:
+    arch, cfg = get_preset("attgan-tiny")
+    gen = build(arch, cfg).eval()
+    x, c = _inputs(cfg)
+    with torch.no_grad():
+        y, mask = gen(x, c)
+    change = (y - x).abs().mean(1, keepdim=True)
+    expected = change / change.amax(dim=(2, 3), keepdim=True)
+    torch.testing.assert_close(mask, expected)
+    assert torch.allclose(mask.amax(dim=(2, 3)), torch.ones(x.shape[0], 1))
+
+
+def test_stu_shapes_and_gate_ranges() -> None:
+    stu = SelectiveTransferUnit(enc_ch=6, state_ch=10, n_attrs=4, kernel=3)
+    f_enc = torch.randn(2, 6, 8, 8)
+    state = torch.randn(2, 10, 4, 4)
+    c = torch.tensor([[1.0, 0, -1, 0], [0, 0, 0, 1]])
+    f_t, s_new = stu(f_enc, state, c)
+    assert f_t.shape == (2, 6, 8, 8) and s_new.shape == (2, 6, 8, 8)
+    r, z = stu.last_gates
+    for gate in (r, z):
+        assert float(gate.min()) > 0 and float(gate.max()) < 1
+    # f_t is a convex combination of s_hat and tanh(...): with z -> 0 it equals s_hat
+    s_hat = stu.upsample(torch.cat([state, c.view(2, 4, 1, 1).expand(2, 4, 4, 4)], 1))
+    torch.testing.assert_close(s_new, r * s_hat)
+    # the attribute difference changes what is transferred
+    f_t2, _ = stu(f_enc, state, -c)
+    assert not torch.allclose(f_t, f_t2)
+
+
+def test_auc_gates_the_encoder_feature() -> None:
+    auc = AttentionUNetConnection(enc_ch=6, dec_ch=8, inner_ch=3, norm="batch").eval()
+    x_enc, g_dec = torch.randn(2, 6, 16, 16), torch.randn(2, 8, 16, 16)
+    out, psi = auc(x_enc, g_dec)
+    assert out.shape == x_enc.shape and psi.shape == (2, 1, 16, 16)
+    assert float(psi.min()) >= 0 and float(psi.max()) <= 1
+    torch.testing.assert_close(out, x_enc * psi)
+
+
+def test_self_attention_starts_as_identity() -> None:
+    sa = SelfAttention(16)
+    x = torch.randn(2, 16, 8, 8)
+    torch.testing.assert_close(sa(x), x)
+    sa.gamma.data.fill_(1.0)
+    assert not torch.allclose(sa(x), x)
+
+
+def test_zero_difference_means_reconstruct_for_both_conditionings() -> None:
+    c_src = torch.tensor([[1.0, 0.0, 1.0]])
+    zero = torch.zeros_like(c_src)
+    assert torch.equal(condition_vector(c_src, zero, "diff"), zero)
+    assert torch.equal(condition_vector(c_src, zero, "target"), torch.tensor([[1.0, -1.0, 1.0]]))
+    # a full flip in target mode reaches the opposite coding and is clamped beyond it
+    assert torch.equal(
+        condition_vector(c_src, torch.tensor([[-1.0, 1.0, 1.0]]), "target"), torch.tensor([[-1.0, 1.0, 1.0]])
+    )
+    with pytest.raises(ValueError, match="conditioning"):
+        condition_vector(c_src, zero, "nonsense")
+
+
+def test_encoded_select_and_cat_round_trip() -> None:
+    arch, cfg = get_preset("mugan-tiny")
+    gen = build(arch, cfg).eval()
+    x, c = _inputs(cfg, batch=4)
+    with torch.no_grad():
+        enc = gen.encode(x)
+        parts = [enc.select(i) for i in range(4)]
+        joined = Encoded.cat(parts)
+        torch.testing.assert_close(gen.decode(joined, c)[0], gen.decode(enc, c)[0])
+
+
+def test_presets_include_paper_sizes() -> None:
+    presets = all_presets()
+    assert presets["stgan"][1].base_channels == 64 and presets["stgan"][1].image_size == 128
+    assert presets["stgan"][1].skip == "stu" and presets["stgan"][1].conditioning == "diff"
+    assert presets["mugan"][1].skip == "auc" and presets["mugan"][1].conditioning == "target"
+    assert presets["attgan"][1].skip == "concat"
+    assert {"stgan-cpu", "mugan-cpu"} <= set(presets)
+    assert set(GENERATOR_ARCHITECTURES) == {"attgan", "stgan", "mugan", "stargan"}
+    assert ARCHITECTURES["classifier"].kind == "classifier"
+
+
+def test_config_round_trip_and_errors() -> None:
+    _, cfg = get_preset("mugan-cpu")
+    data = config_to_dict(cfg)
+    assert config_from_dict(EncoderDecoderConfig, data) == cfg
+    with pytest.raises(ValueError, match="unknown field"):
+        config_from_dict(EncoderDecoderConfig, data | {"wings": 2})
+    with pytest.raises(ValueError, match="base_channels"):
+        config_from_dict(EncoderDecoderConfig, data | {"base_channels": "many"})
+    with pytest.raises(ValueError, match="skip"):
+        config_from_dict(EncoderDecoderConfig, data | {"skip": "teleport"})
+    with pytest.raises(ValueError, match="Purple_Hair"):
+        validate_attributes(["Bald", "Purple_Hair"])

@@ -1,0 +1,211 @@
+"""Training CLI on tiny data: checkpoints, bit-exact resume, atomic writes, evaluate, export, data errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.attributes import STGAN_ATTRIBUTES
+from models.checkpoint import load_pretrained
+from training.cli import main as cli
+from training.data import DatasetError, prepare_cache, read_index
+from training.options import TrainConfig
+from training.trainer import Trainer, ema_generator_from_checkpoint, read_training_checkpoint, sample_targets
+
+TINY_SETTINGS = [
+    "disc_preset=discriminator-tiny",
+    "batch_size=4",
+    "eval_every=1000000",
+    "sample_every=1000000",
+    "eval_images=6",
+    "log_every=1",
+]
+
+
+def tiny_config(cache: Path, tmp_path: Path, preset: str = "stgan-tiny", **changes: object) -> TrainConfig:
+    data = {k: json.loads(v) if v[0].isdigit() else v for k, v in (s.split("=") for s in TINY_SETTINGS)}
+    return TrainConfig.from_dict(
+        data | {"preset": preset, "cache_dir": str(cache), "classifier": str(tmp_path / "no-classifier")} | changes
+    )
+
+
+def test_two_step_train_then_resume_continues_bit_exactly(prepared_cache: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    sets = [
+        x for s in [*TINY_SETTINGS, f"cache_dir={prepared_cache}", f"classifier={tmp_path}/none"] for x in ("--set", s)
+    ]
+    cli(["train", "--preset", "stgan-tiny", "--run", str(run), "--max-steps", "2", *sets])
+    ckpt = run / "checkpoints" / "last.safetensors"
+    _, meta = read_training_checkpoint(ckpt)
+    assert meta["step"] == "2"
+    assert (run / "samples" / "latest.png").is_file()
+
+    cfg = TrainConfig.from_dict(json.loads(meta["train_config"]))
+    uninterrupted = Trainer(cfg, run)
+    uninterrupted.load_checkpoint(ckpt)  # same state as the process that wrote it
+    resumed = Trainer(cfg, tmp_path / "other")
+    resumed.load_checkpoint(ckpt)
+    assert resumed.step == 2
+    for _ in range(2):
+        a, b = uninterrupted.train_step(), resumed.train_step()
+        assert a == b
+    for (name, p), q in zip(uninterrupted.G.named_parameters(), resumed.G.parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_resume_through_the_cli_matches_an_uninterrupted_run(prepared_cache: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(prepared_cache, tmp_path, preset="mugan-tiny")
+    straight = Trainer(cfg, tmp_path / "straight")
+    straight.fit(max_steps=3)
+    halves = Trainer(cfg, tmp_path / "halves")
+    halves.fit(max_steps=1)
+    cli(["train", "--run", str(tmp_path / "halves"), "--resume", "--max-steps", "2"])
+    _, meta = read_training_checkpoint(tmp_path / "halves" / "checkpoints" / "last.safetensors")
+    assert meta["step"] == "3"
+    _, g_resumed, _ = ema_generator_from_checkpoint(tmp_path / "halves" / "checkpoints" / "last.safetensors")
+    for (name, p), q in zip(straight.G_ema.state_dict().items(), g_resumed.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_a_write_killed_before_the_rename_leaves_the_previous_checkpoint(
+    prepared_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trainer = Trainer(tiny_config(prepared_cache, tmp_path), tmp_path / "run")
+    trainer.fit(max_steps=1)
+    path = trainer.checkpoint_path()
+    before = path.read_bytes()
+    trainer.train_step()
+
+    def killed(src: str, dst: str) -> None:
+        # the process dies after the temp file is fully written, before it replaces the checkpoint
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint()
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left behind
+    _, meta = read_training_checkpoint(path)
+    assert meta["step"] == "1"
+
+
+def test_truncated_checkpoint_is_reported(tmp_path: Path) -> None:
+    from models.checkpoint import CheckpointError
+
+    bad = tmp_path / "last.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        read_training_checkpoint(bad)
+
+
+def test_sampled_targets_keep_hair_colours_exclusive() -> None:
+    from models.attributes import exclusive_groups_for
+
+    attrs = list(STGAN_ATTRIBUTES)
+    groups = exclusive_groups_for(attrs)
+    hair = [attrs.index(a) for a in ("Black_Hair", "Blond_Hair", "Brown_Hair")]
+    assert groups == [hair]
+    c_src = torch.zeros(256, len(attrs))
+    c_src[:, hair[0]] = 1
+    c_src[::3, hair[1]] = 1  # some sources even violate it
+    gen = torch.Generator().manual_seed(0)
+    c_trg = sample_targets(c_src, gen, groups, single_flip_fraction=0.5)
+    assert int((c_trg[:, hair].sum(1) > 1).sum()) == 0
+    changed = (c_trg != c_src).any(1)
+    assert changed.float().mean() > 0.3
+
+
+def test_classifier_evaluate_and_export(prepared_cache: Path, tmp_path: Path) -> None:
+    from training.classifier import train_classifier
+    from training.data import read_meta, write_meta
+    from training.export import export_run
+
+    clf_dir = tmp_path / "classifier"
+    train_classifier(str(prepared_cache), str(clf_dir), preset="classifier-tiny", epochs=1, batch_size=4)
+    _, clf_info = load_pretrained(clf_dir)
+    assert 0.0 <= clf_info.metrics["val_mean_accuracy"] <= 1.0
+    assert "val accuracy" in (clf_dir / "card.md").read_text()
+
+    cfg = tiny_config(prepared_cache, tmp_path, classifier=str(clf_dir), eval_every=2)
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.fit(max_steps=2)
+    val = [json.loads(line) for line in (tmp_path / "run" / "val_metrics.jsonl").read_text().splitlines()]
+    assert len(val) == 1 and val[0]["step"] == 2
+    assert (tmp_path / "run" / "checkpoints" / "best.safetensors").is_file()
+
+    meta = read_meta(prepared_cache)
+    meta["alignment_template"] = {"landmarks": [[0.35, 0.45], [0.65, 0.45], [0.5, 0.6], [0.38, 0.75], [0.62, 0.75]]}
+    write_meta(prepared_cache, meta)
+    out = export_run(tmp_path / "run", tmp_path / "weights" / "tiny", checkpoint="best", cache_dir=prepared_cache)
+    gen, info = load_pretrained(out)
+    assert info.alignment_template == meta["alignment_template"]
+    assert info.training["steps"] == 2
+    assert (out / "samples.png").is_file() and "Not yet evaluated" in (out / "card.md").read_text()
+    _, ema, _ = ema_generator_from_checkpoint(tmp_path / "run" / "checkpoints" / "best.safetensors")
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    c = torch.zeros(2, len(STGAN_ATTRIBUTES))
+    c[:, 0] = 1
+    with torch.no_grad():
+        a, b = ema(x, c), gen.float()(x, c)
+    torch.testing.assert_close(a[0], b[0], atol=2e-2, rtol=0)  # weights are stored as float16
+    torch.testing.assert_close(a[1], b[1], atol=2e-2, rtol=0)
+
+    cli(["evaluate", "--model", str(out), "--cache-dir", str(prepared_cache), "--classifier", str(clf_dir), "--no-amp"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_images"] == 6
+    assert 0 < metrics["psnr"] < 100 and -1 <= metrics["ssim"] <= 1
+    for table in ("edit_success", "preservation", "mask_mean"):
+        assert set(metrics[table]) == set(STGAN_ATTRIBUTES)
+        assert all(0.0 <= v <= 1.0 for v in metrics[table].values())
+    _, info = load_pretrained(out)
+    assert info.metrics["test"]["psnr"] == metrics["psnr"]
+    assert "Test split evaluation" in (out / "card.md").read_text()
+
+
+def test_missing_attribute_file_is_named(celeba_folder: Path) -> None:
+    (celeba_folder / "list_attr_celeba.txt").unlink()
+    with pytest.raises(DatasetError, match=r"list_attr_celeba.txt: missing"):
+        read_index(celeba_folder)
+
+
+def test_unknown_attribute_name_is_named(celeba_folder: Path) -> None:
+    path = celeba_folder / "list_attr_celeba.txt"
+    lines = path.read_text().splitlines()
+    lines[1] = lines[1].replace("Bald", "Wearing_Cape")
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError, match="Wearing_Cape"):
+        read_index(celeba_folder)
+
+
+def test_corrupt_image_is_named(celeba_folder: Path, tmp_path: Path) -> None:
+    (celeba_folder / "images" / "3.jpg").write_bytes(b"not a jpeg at all")
+    with pytest.raises(DatasetError, match=r"3\.jpg"):
+        prepare_cache(celeba_folder, tmp_path / "cache", image_size=32)
+    # tolerated below the limit, and the bad image is left out of the cache by name
+    meta = prepare_cache(celeba_folder, tmp_path / "cache", image_size=32, max_bad_fraction=0.1)
+    assert meta["bad_images"][0].startswith("3.jpg")
+    assert "3.jpg" not in meta["files"] and len(meta["files"]) == 23
+    assert np.load(tmp_path / "cache" / "images.npy").shape == (23, 32, 32, 3)
+
+
+def test_cli_reports_dataset_errors_without_a_traceback(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli(
+            [
+                "prepare",
+                "--data",
+                str(tmp_path / "nowhere"),
+                "--cache-dir",
+                str(tmp_path / "c"),
+                "--template-samples",
+                "0",
+            ]
+        )
+    assert exc.value.code == 2
+    assert "not a folder" in caplog.text

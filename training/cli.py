@@ -1,0 +1,197 @@
+"""``python -m training <command>``: prepare, train, classifier, evaluate, export, grid."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("training")
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SystemExit(f"--set expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key] = _parse_value(value)
+    return out
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from training.data import prepare_cache, read_meta, write_meta
+    from training.template import compute_template
+
+    if not args.template_only:
+        meta = prepare_cache(args.data, args.cache_dir, args.image_size)
+        log.info("cache ready in %s: %s", args.cache_dir, meta["counts"])
+    if args.template_samples > 0:
+        template = compute_template(args.cache_dir, args.template_samples)
+        meta = read_meta(args.cache_dir)
+        meta["alignment_template"] = template
+        write_meta(args.cache_dir, meta)
+        log.info("alignment template from %d faces: %s", template["n_faces"], template["landmarks"])
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    import torch
+
+    from training.options import TrainConfig
+    from training.trainer import Trainer, read_training_checkpoint
+
+    run_dir = Path(args.run)
+    ckpt = run_dir / "checkpoints" / "last.safetensors"
+    overrides = _overrides(args.set)
+    if args.resume and ckpt.is_file():
+        _, meta = read_training_checkpoint(ckpt)
+        data = json.loads(meta["train_config"]) | overrides
+        cfg = TrainConfig.from_dict(data)
+    else:
+        if args.resume:
+            log.info("no checkpoint in %s yet: starting a new run", run_dir)
+        data = json.loads(Path(args.config).read_text()) if args.config else {}
+        if args.preset:
+            data["preset"] = args.preset
+        cfg = TrainConfig.from_dict(data | overrides)
+    if args.threads:
+        cfg.threads = args.threads
+    trainer = Trainer(cfg, run_dir)
+    if args.resume and ckpt.is_file():
+        trainer.load_checkpoint(ckpt)
+        log.info("resumed %s at step %d", ckpt, trainer.step)
+    n_params = sum(p.numel() for p in trainer.G.parameters())
+    log.info("generator %s: %.2fM parameters; torch threads %d", cfg.preset, n_params / 1e6, torch.get_num_threads())
+    trainer.fit(max_minutes=args.max_minutes, max_steps=args.max_steps)
+
+
+def cmd_classifier(args: argparse.Namespace) -> None:
+    from training.classifier import train_classifier
+
+    train_classifier(
+        cache_dir=args.cache_dir,
+        out_dir=args.out,
+        preset=args.preset,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        max_minutes=args.max_minutes,
+        threads=args.threads,
+        limit=args.limit,
+    )
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from training.evaluate import evaluate_command
+
+    evaluate_command(args.model, args.cache_dir, args.split, args.classifier, args.out, args.limit, args.amp)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from training.export import export_run
+
+    export_run(
+        args.run, args.out, checkpoint=args.checkpoint, cache_dir=args.cache_dir, name=args.name, notify=args.notify
+    )
+
+
+def cmd_grid(args: argparse.Namespace) -> None:
+    from training.evaluate import grid_command
+
+    grid_command(args.model, args.cache_dir, args.split, args.out, args.n, args.offset)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+    cache = ".cache/datasets/celebahq-128"
+
+    s = sub.add_parser(
+        "prepare", help="check a CelebA-format folder, decode it into a cache, compute the alignment template"
+    )
+    s.add_argument("--data", default="../shared/datasets/celebahq-128")
+    s.add_argument("--cache-dir", default=cache)
+    s.add_argument("--image-size", type=int, default=128)
+    s.add_argument(
+        "--template-samples", type=int, default=2000, help="training faces for the landmark template (0: skip)"
+    )
+    s.add_argument("--template-only", action="store_true", help="only (re)compute the template of an existing cache")
+    s.set_defaults(func=cmd_prepare)
+
+    s = sub.add_parser("train", help="train a GAN preset (resumable)")
+    s.add_argument("--preset", help="model preset, e.g. stgan-cpu, mugan-cpu (see models.registry)")
+    s.add_argument("--config", help="a TrainConfig JSON file")
+    s.add_argument("--run", required=True, help="run folder (checkpoints, samples, tensorboard)")
+    s.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints/last.safetensors if present")
+    s.add_argument("--max-minutes", type=float, help="stop (and checkpoint) after this much wall time")
+    s.add_argument("--max-steps", type=int, help="stop after this many more steps")
+    s.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a TrainConfig field")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("classifier", help="train the attribute classifier into a weights folder")
+    s.add_argument("--cache-dir", default=cache)
+    s.add_argument("--out", default="weights/classifier")
+    s.add_argument("--preset", default="classifier")
+    s.add_argument("--epochs", type=int, default=8)
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--max-minutes", type=float)
+    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--limit", type=int, help="use only the first N training images (tests)")
+    s.set_defaults(func=cmd_classifier)
+
+    s = sub.add_parser("evaluate", help="edit success, preservation, PSNR/SSIM of a model folder or checkpoint")
+    s.add_argument("--model", required=True, help="weights/<name> folder or a training checkpoint .safetensors")
+    s.add_argument("--cache-dir", default=cache)
+    s.add_argument("--split", default="test", choices=["train", "val", "test"])
+    s.add_argument("--classifier", default="weights/classifier")
+    s.add_argument("--out", help="folder for metrics.json and metrics.md (default: next to the model)")
+    s.add_argument("--limit", type=int, help="only the first N images of the split")
+    s.add_argument("--no-amp", dest="amp", action="store_false")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("export", help="export a run's checkpoint into weights/<name>")
+    s.add_argument("--run", required=True)
+    s.add_argument("--out", required=True, help="e.g. weights/stgan")
+    s.add_argument("--checkpoint", default="best", help="best | last | a path")
+    s.add_argument("--cache-dir", default=cache, help="where the alignment template is read from")
+    s.add_argument("--name")
+    s.add_argument("--notify", help="URL of a running server's /v1/models/reload to call afterwards")
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("grid", help="sample grid PNG of a model: every attribute flipped on split faces")
+    s.add_argument("--model", required=True)
+    s.add_argument("--cache-dir", default=cache)
+    s.add_argument("--split", default="test", choices=["train", "val", "test"])
+    s.add_argument("--out", required=True)
+    s.add_argument("--n", type=int, default=6)
+    s.add_argument("--offset", type=int, default=0)
+    s.set_defaults(func=cmd_grid)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from models.checkpoint import CheckpointError
+    from training.data import DatasetError
+
+    try:
+        args.func(args)
+    except (DatasetError, CheckpointError) as exc:
+        log.error("%s", exc)
+        raise SystemExit(2) from None

@@ -1,0 +1,426 @@
+"""The GAN training loop: STGAN, MU-GAN, AttGAN and StarGAN share it (they differ in config only).
+
+Every step is a pure function of (state, step): the batch comes from :class:`StepSampler` and all
+randomness from :func:`step_generator`, so ``--resume`` continues bit-exactly. Checkpoints are single
+safetensors files (tensors + JSON metadata) written to a temp file and renamed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+from tqdm import tqdm
+
+from models.attributes import condition_vector, exclusive_groups_for
+from models.checkpoint import CheckpointError, atomic_save_tensors, atomic_write_bytes, load_pretrained
+from models.generators import AttributeGenerator
+from models.registry import build, config_dict, get_preset, parse_config
+from training import losses
+from training.data import CachedFaces, StepSampler, step_generator
+from training.evaluation import evaluate_generator, selection_score
+from training.options import TrainConfig
+from training.visualize import edit_grid
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "face-attr-training-checkpoint/1"
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_generator(cfg: TrainConfig) -> tuple[str, AttributeGenerator]:
+    arch, gcfg = get_preset(cfg.preset)
+    gcfg = dataclasses.replace(gcfg, attributes=tuple(cfg.attributes), **cfg.generator_overrides)
+    return arch, build(arch, gcfg)  # type: ignore[return-value]
+
+
+def build_discriminator(cfg: TrainConfig, image_size: int) -> nn.Module:
+    arch, dcfg = get_preset(cfg.disc_preset)
+    dcfg = dataclasses.replace(dcfg, n_attrs=len(cfg.attributes), image_size=image_size)
+    return build(arch, dcfg)
+
+
+def sample_targets(
+    c_src: torch.Tensor, generator: torch.Generator, groups: list[list[int]], single_flip_fraction: float
+) -> torch.Tensor:
+    """Targets: another image's labels (STGAN) or, for a fraction, one flipped attribute.
+
+    Members of an exclusive group (hair colours) never end up on together: the one just switched on
+    wins, otherwise a random one of those on is kept.
+    """
+    b, n = c_src.shape
+    c_trg = c_src[torch.randperm(b, generator=generator)].clone()
+    single = torch.rand(b, generator=generator) < single_flip_fraction
+    attr = torch.randint(n, (b,), generator=generator)
+    rows = torch.arange(b)
+    flipped = c_src.clone()
+    flipped[rows, attr] = 1 - flipped[rows, attr]
+    c_trg[single] = flipped[single]
+    tie_break = torch.rand(b, n, generator=generator)
+    for group in groups:
+        g = torch.tensor(group)
+        on = c_trg[:, g] > 0.5
+        for r in (on.sum(1) > 1).nonzero(as_tuple=True)[0].tolist():
+            preferred = int(attr[r]) if bool(single[r]) and int(attr[r]) in group and c_trg[r, attr[r]] > 0.5 else None
+            if preferred is None:
+                candidates = g[on[r]]
+                preferred = int(candidates[tie_break[r, candidates].argmax()])
+            c_trg[r, g] = 0
+            c_trg[r, preferred] = 1
+    return c_trg
+
+
+def flatten_optimizer(prefix: str, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], str]:
+    sd = opt.state_dict()
+    tensors = {}
+    for pid, state in sd["state"].items():
+        for key, value in state.items():
+            tensors[f"{prefix}.{pid}.{key}"] = (value if torch.is_tensor(value) else torch.tensor(value)).contiguous()
+    return tensors, json.dumps(sd["param_groups"])
+
+
+def unflatten_optimizer(prefix: str, tensors: dict[str, torch.Tensor], groups_json: str) -> dict[str, Any]:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        if not name.startswith(prefix + "."):
+            continue
+        pid, key = name[len(prefix) + 1 :].split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    return {"state": state, "param_groups": json.loads(groups_json)}
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.device = pick_device(cfg.device)
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.arch, self.G = build_generator(cfg)
+        self.D = build_discriminator(cfg, self.G.config.image_size)
+        self.G.to(self.device, memory_format=self.memory_format)
+        self.D.to(self.device, memory_format=self.memory_format)
+        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg.lr_g, betas=(cfg.beta1, cfg.beta2))
+        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=cfg.lr_d, betas=(cfg.beta1, cfg.beta2))
+        self.train_set = CachedFaces(cfg.cache_dir, "train", tuple(cfg.attributes))
+        self.val_set = CachedFaces(cfg.cache_dir, "val", tuple(cfg.attributes), limit=cfg.eval_images)
+        if self.train_set.image_size != self.G.config.image_size:
+            raise ValueError(
+                f"cache images are {self.train_set.image_size} px but the model expects {self.G.config.image_size}"
+            )
+        self.sampler = StepSampler(len(self.train_set), cfg.batch_size, cfg.seed)
+        self.groups = exclusive_groups_for(list(cfg.attributes))
+        self.step = 0
+        self.elapsed = 0.0
+        self.images_seen = 0
+        self.best_score = -math.inf
+        self.best_metrics: dict[str, Any] = {}
+        self.classifier, self.classifier_attributes = self._load_classifier()
+        self.writer = None
+
+    # ------------------------------------------------------------------ pieces
+    def _load_classifier(self) -> tuple[nn.Module | None, tuple[str, ...]]:
+        path = Path(self.cfg.classifier)
+        if not (path / "config.json").is_file():
+            log.info("no classifier at %s: validation reports PSNR/SSIM only", path)
+            return None, ()
+        model, info = load_pretrained(path, self.device)
+        missing = [a for a in self.cfg.attributes if a not in info.attributes]
+        if missing:
+            log.warning("classifier at %s lacks %s; not used", path, missing)
+            return None, ()
+        return model.to(memory_format=self.memory_format), info.attributes
+
+    def _autocast(self) -> torch.autocast:
+        dtype = torch.bfloat16
+        return torch.autocast(self.device.type, dtype=dtype, enabled=self.cfg.amp)
+
+    def _set_lr(self) -> None:
+        factor = 0.1 if self.step >= self.cfg.lr_decay_step else 1.0
+        for group in self.opt_G.param_groups:
+            group["lr"] = self.cfg.lr_g * factor
+        for group in self.opt_D.param_groups:
+            group["lr"] = self.cfg.lr_d * factor
+
+    def _batch(self, step: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.sampler.indices(step)
+        flip = torch.rand(len(idx), generator=gen) < 0.5 if self.cfg.hflip else None
+        x, c = self.train_set.get(idx, flip)
+        return x.to(self.device).contiguous(memory_format=self.memory_format), c.to(self.device)
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self) -> dict[str, float]:
+        cfg, step = self.cfg, self.step
+        self._set_lr()
+        gen = step_generator(cfg.seed, step)
+        x_real, c_src = self._batch(step, gen)
+        c_trg = sample_targets(c_src.cpu(), gen, self.groups, cfg.single_flip_fraction).to(self.device)
+        mode = self.G.config.conditioning
+        cond = condition_vector(c_src, c_trg - c_src, mode)
+        cond_rec = condition_vector(c_src, torch.zeros_like(c_src), mode)
+        logs: dict[str, float] = {}
+
+        # ---- discriminator
+        self.D.requires_grad_(True)
+        for _ in range(cfg.n_critic):
+            with torch.no_grad(), self._autocast():
+                x_fake = self.G(x_real, cond)[0].float()
+            use_r1 = cfg.gan_loss == "nsgan" and cfg.r1_gamma > 0 and step % cfg.r1_interval == 0
+            x_in = x_real.detach().requires_grad_(use_r1)
+            with self._autocast():
+                real_adv, real_cls = self.D(x_in)
+                fake_adv, _ = self.D(x_fake)
+            d_adv, lg = losses.d_adversarial(real_adv, fake_adv, cfg.gan_loss)
+            logs |= lg
+            d_cls, lg = losses.attribute_bce(real_cls, c_src, "d_cls")
+            logs |= lg
+            d_loss = d_adv + cfg.lambda_d_cls * d_cls
+            if cfg.gan_loss == "wgan":
+
+                def critic(x: torch.Tensor) -> torch.Tensor:
+                    with self._autocast():
+                        return self.D(x)[0]
+
+                gp, lg = losses.gradient_penalty(critic, x_real, x_fake, gen)
+                logs |= lg
+                d_loss = d_loss + cfg.lambda_gp * gp
+            elif use_r1:
+                r1, lg = losses.r1_penalty(real_adv, x_in)
+                logs |= lg
+                d_loss = d_loss + 0.5 * cfg.r1_gamma * cfg.r1_interval * r1
+            self.opt_D.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self.opt_D.step()
+        logs["d_loss"] = d_loss.item()
+
+        # ---- generator
+        self.D.requires_grad_(False)
+        with self._autocast():
+            encoded = self.G.encode(x_real)
+            x_fake, mask_fake = self.G.decode(encoded, cond)
+            x_rec_raw, mask_rec = self.G.decode_parts(encoded, cond_rec)
+            fake_adv, fake_cls = self.D(x_fake)
+        x_rec = x_rec_raw if mask_rec is None else mask_rec * x_rec_raw + (1 - mask_rec) * x_real
+        g_adv, lg = losses.g_adversarial(fake_adv, cfg.gan_loss)
+        logs |= lg
+        g_cls, lg = losses.attribute_bce(fake_cls, c_trg, "g_cls")
+        logs |= lg
+        g_rec, lg = losses.reconstruction_l1(x_rec, x_real)
+        logs |= lg
+        g_loss = g_adv + cfg.lambda_g_cls * g_cls + cfg.lambda_rec * g_rec
+        if self.G.config.mask_head:
+            # The raw decoder output must reconstruct too: then opening the mask costs the
+            # reconstruction nothing, and the mask is free to mark only what an edit changes.
+            g_rec_raw, _ = losses.reconstruction_l1(x_rec_raw, x_real)
+            logs["g_rec_raw"] = g_rec_raw.item()
+            g_loss = g_loss + cfg.lambda_rec_raw * g_rec_raw
+            edited = (c_trg != c_src).any(dim=1)
+            m_l1, m_tv, m_floor, lg = losses.mask_regularisation(mask_fake, edited, cfg.mask_floor)
+            logs |= lg
+            g_loss = g_loss + cfg.lambda_mask_l1 * m_l1 + cfg.lambda_mask_tv * m_tv + cfg.lambda_mask_floor * m_floor
+        self.opt_G.zero_grad(set_to_none=True)
+        g_loss.backward()
+        self.opt_G.step()
+        logs["g_loss"] = g_loss.item()
+        self._update_ema()
+        self.step += 1
+        self.images_seen += len(x_real)
+        return logs
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
+        for p_ema, p in zip(self.G_ema.parameters(), self.G.parameters(), strict=True):
+            p_ema.lerp_(p, 1 - decay)
+        for b_ema, b in zip(self.G_ema.buffers(), self.G.buffers(), strict=True):
+            b_ema.copy_(b)
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_path(self, name: str = "last") -> Path:
+        return self.run_dir / "checkpoints" / f"{name}.safetensors"
+
+    def save_checkpoint(self, name: str = "last") -> Path:
+        tensors: dict[str, torch.Tensor] = {}
+        for prefix, module in (("G", self.G), ("D", self.D), ("G_ema", self.G_ema)):
+            tensors |= {f"{prefix}.{k}": v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+        opt_g, groups_g = flatten_optimizer("opt_G", self.opt_G)
+        opt_d, groups_d = flatten_optimizer("opt_D", self.opt_D)
+        tensors |= {k: v.cpu() for k, v in (opt_g | opt_d).items()}
+        metadata = {
+            "format": CHECKPOINT_FORMAT,
+            "train_config": json.dumps(self.cfg.to_dict()),
+            "architecture": self.arch,
+            "generator_config": json.dumps(config_dict(self.G.config)),
+            "step": str(self.step),
+            "elapsed_seconds": repr(self.elapsed),
+            "images_seen": str(self.images_seen),
+            "best_score": repr(self.best_score),
+            "best_metrics": json.dumps(self.best_metrics),
+            "opt_G.param_groups": groups_g,
+            "opt_D.param_groups": groups_d,
+        }
+        path = self.checkpoint_path(name)
+        atomic_save_tensors(path, tensors, metadata)
+        return path
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        tensors, meta = read_training_checkpoint(path)
+        for prefix, module in (("G", self.G), ("D", self.D), ("G_ema", self.G_ema)):
+            sub = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+            module.load_state_dict(sub)
+        self.opt_G.load_state_dict(unflatten_optimizer("opt_G", tensors, meta["opt_G.param_groups"]))
+        self.opt_D.load_state_dict(unflatten_optimizer("opt_D", tensors, meta["opt_D.param_groups"]))
+        for opt in (self.opt_G, self.opt_D):  # keep optimiser state in the parameters' memory format
+            for p, state in opt.state.items():
+                for k, v in state.items():
+                    if torch.is_tensor(v) and v.shape == p.shape and v.dim() == 4:
+                        state[k] = v.contiguous(memory_format=self.memory_format)
+        self.step = int(meta["step"])
+        self.elapsed = float(meta["elapsed_seconds"])
+        self.images_seen = int(meta["images_seen"])
+        self.best_score = float(meta["best_score"])
+        self.best_metrics = json.loads(meta.get("best_metrics", "{}"))
+
+    # ------------------------------------------------------------------ validation and samples
+    def validate(self) -> dict[str, Any]:
+        if self.classifier is None:  # it may have been trained since this run started
+            self.classifier, self.classifier_attributes = self._load_classifier()
+        x = self.val_set.get(torch.arange(len(self.val_set)))
+        metrics = evaluate_generator(
+            self.G_ema,
+            x[0],
+            x[1],
+            tuple(self.cfg.attributes),
+            self.classifier,
+            self.classifier_attributes,
+            batch_size=50,
+            device=self.device,
+            amp=self.cfg.amp,
+        )
+        metrics["score"] = selection_score(metrics)
+        metrics["step"] = self.step
+        return metrics
+
+    def write_samples(self) -> Path:
+        x, c = self.val_set.get(torch.arange(min(8, len(self.val_set))))
+        grid = edit_grid(self.G_ema, x.to(self.device), c.to(self.device), tuple(self.cfg.attributes), amp=self.cfg.amp)
+        out = self.run_dir / "samples" / f"step_{self.step:07d}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(out)
+        grid.save(self.run_dir / "samples" / "latest.png")
+        return out
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, max_minutes: float | None = None, max_steps: int | None = None) -> None:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.run_dir / "train_config.json", (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        except ImportError:  # pragma: no cover
+            log.warning("tensorboard not installed: no scalars written")
+        end_step = cfg.total_steps if max_steps is None else min(cfg.total_steps, self.step + max_steps)
+        deadline = time.monotonic() + max_minutes * 60 if max_minutes else math.inf
+        last_ckpt = time.monotonic()
+        bar = tqdm(total=end_step, initial=self.step, desc=cfg.preset, unit="it", mininterval=5.0, dynamic_ncols=True)
+        window_t, window_imgs = time.monotonic(), 0
+        log.info("training %s from step %d to %d on %s", cfg.preset, self.step, end_step, self.device)
+        while self.step < end_step and time.monotonic() < deadline:
+            t0 = time.monotonic()
+            logs = self.train_step()
+            self.elapsed += time.monotonic() - t0
+            window_imgs += cfg.batch_size
+            bar.update(1)
+            if self.step % cfg.log_every == 0:
+                rate = window_imgs / max(time.monotonic() - window_t, 1e-9)
+                window_t, window_imgs = time.monotonic(), 0
+                logs["images_per_s"] = rate
+                bar.set_postfix(
+                    {
+                        k: f"{logs[k]:.3g}"
+                        for k in ("d_loss", "g_cls", "g_rec", "mask_mean", "images_per_s")
+                        if k in logs
+                    }
+                )
+                if self.writer is not None:
+                    for k, v in logs.items():
+                        self.writer.add_scalar(f"train/{k}", v, self.step)
+            if self.step % cfg.sample_every == 0:
+                self.write_samples()
+            if self.step % cfg.eval_every == 0:
+                self._validate_and_select()
+            if time.monotonic() - last_ckpt > cfg.checkpoint_every_minutes * 60:
+                self.save_checkpoint()
+                last_ckpt = time.monotonic()
+        bar.close()
+        self.save_checkpoint()
+        self.write_samples()
+        if self.writer is not None:
+            self.writer.close()
+        log.info("stopped at step %d (%.1f min of training in total)", self.step, self.elapsed / 60)
+
+    def _validate_and_select(self) -> None:
+        metrics = self.validate()
+        with open(self.run_dir / "val_metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(metrics) + "\n")
+        if self.writer is not None:
+            for k in ("psnr", "ssim", "mean_edit_success", "mean_preservation", "score"):
+                if k in metrics:
+                    self.writer.add_scalar(f"val/{k}", metrics[k], self.step)
+        log.info(
+            "val step %d: psnr %.2f ssim %.3f edit %s preserve %s score %.4f",
+            self.step,
+            metrics["psnr"],
+            metrics["ssim"],
+            f"{metrics.get('mean_edit_success', float('nan')):.3f}",
+            f"{metrics.get('mean_preservation', float('nan')):.3f}",
+            metrics["score"],
+        )
+        if metrics["score"] > self.best_score:
+            self.best_score, self.best_metrics = metrics["score"], metrics
+            self.save_checkpoint("best")
+        self.save_checkpoint()
+
+
+def read_training_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no checkpoint there")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        tensors = load_file(str(path))
+    except Exception as exc:  # safetensors raises several types for broken files
+        raise CheckpointError(f"{path}: unreadable checkpoint ({exc})") from None
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a training checkpoint of this project")
+    return tensors, meta
+
+
+def ema_generator_from_checkpoint(path: str | Path) -> tuple[str, AttributeGenerator, dict[str, str]]:
+    """The EMA generator stored in a training checkpoint (for evaluate/export)."""
+    tensors, meta = read_training_checkpoint(path)
+    arch = meta["architecture"]
+    gen = build(arch, parse_config(arch, json.loads(meta["generator_config"])))
+    gen.load_state_dict({k[len("G_ema.") :]: v for k, v in tensors.items() if k.startswith("G_ema.")})
+    return arch, gen.eval(), meta  # type: ignore[return-value]

@@ -1,0 +1,53 @@
+"""Sample grids: every attribute flipped on fixed faces, with the attention mask under each edit."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from models.attributes import condition_vector, exclusive_groups_for
+from models.generators import AttributeGenerator
+from training.evaluation import flip_targets, to_uint8
+
+HEADER = 14
+
+
+@torch.no_grad()
+def edit_grid(
+    generator: AttributeGenerator,
+    x: torch.Tensor,
+    c_src: torch.Tensor,
+    attributes: tuple[str, ...],
+    amp: bool = False,
+    with_masks: bool = True,
+) -> Image.Image:
+    """Columns: input, reconstruction, then each attribute flipped; a mask row under each face."""
+    was_training = generator.training
+    generator.eval()
+    mode = generator.config.conditioning
+    groups = exclusive_groups_for(list(attributes))
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        encoded = generator.encode(x)
+        cols = [(x, torch.zeros_like(x[:, :1]))]
+        cols.append(generator.decode(encoded, condition_vector(c_src, torch.zeros_like(c_src), mode)))
+        for i in range(len(attributes)):
+            c_trg = flip_targets(c_src, i, groups)
+            cols.append(generator.decode(encoded, condition_vector(c_src, c_trg - c_src, mode)))
+    generator.train(was_training)
+    names = ["input", "reconstruction", *[a.replace("_", " ") for a in attributes]]
+    size = x.shape[-1]
+    n_rows = len(x) * (2 if with_masks else 1)
+    canvas = Image.new("RGB", (len(cols) * size, HEADER + n_rows * size), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, name in enumerate(names):
+        draw.text((j * size + 2, 1), name[: size // 6], fill="black")
+    for j, (img, mask) in enumerate(cols):
+        imgs = to_uint8(img)
+        masks = (mask.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()[:, 0]
+        for i in range(len(x)):
+            row = i * (2 if with_masks else 1)
+            canvas.paste(Image.fromarray(imgs[i]), (j * size, HEADER + row * size))
+            if with_masks:
+                canvas.paste(Image.fromarray(np.stack([masks[i]] * 3, -1)), (j * size, HEADER + (row + 1) * size))
+    return canvas
