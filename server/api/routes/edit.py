@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, Header, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
+from pydantic import BaseModel, Field
+
+from server.api.deps import ServiceDep, SettingsDep
+from server.editor import EditError
+from server.imaging import b64_png
+
+router = APIRouter(prefix="/v1", tags=["edit"])
+
+
+class FaceResult(BaseModel):
+    index: int = Field(description="index of the face in the photo (faces sorted left to right)")
+    box: list[float] = Field(description="[x0, y0, x1, y1] of the detected face in photo pixels")
+    region: list[float] = Field(description="[x0, y0, x1, y1]: the photo area the pasted edit can touch")
+    score: float = Field(description="detector probability")
+    landmarks: list[list[float]] = Field(description="5 points [x, y]: eyes, nose, mouth corners")
+    attributes: dict[str, float] = Field(description="classifier probability of each of the model's attributes")
+    aligned: str = Field(description="base64 PNG: the aligned crop the model saw")
+    edited: str = Field(description="base64 PNG: the model's edited crop")
+    mask: str = Field(description="base64 grayscale PNG: where the model changed the face (0..255)")
+
+
+class EditResponse(BaseModel):
+    model: str = Field(description="the model that made the edit")
+    image: str = Field(description="base64 PNG of the whole edited photo, same size as the input")
+    overlay: str = Field(description="base64 PNG: the edited photo with the attention mask tinted over the faces")
+    faces: list[FaceResult]
+    timings_ms: dict[str, float] = Field(description="milliseconds per stage")
+    cache_hit: bool = Field(description="true when detection, alignment and encoder came from the cache")
+
+
+class ErrorResponse(BaseModel):
+    detail: str
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in {
+        413: "upload or image larger than the limits",
+        415: "not a JPEG, PNG or WebP image",
+        422: "undecodable image, no face, bad edits, unknown model or face index",
+        503: "no model loaded, or the service is saturated (see Retry-After)",
+    }.items()
+}
+
+
+@router.post(
+    "/edit",
+    response_model=EditResponse,
+    responses={200: {"content": {"image/png": {}}, "description": "JSON, or the edited photo with Accept: image/png"}}
+    | ERRORS,
+    summary="Edit the attributes of the faces in a photo",
+)
+async def edit(
+    request: Request,
+    service: ServiceDep,
+    settings: SettingsDep,
+    image: Annotated[UploadFile, File(description="the photo: JPEG, PNG or WebP")],
+    edits: Annotated[
+        str | None,
+        Form(description='JSON object {"Attribute_Name": value}, value in [-1, 1]: + adds, - removes, 0 keeps'),
+    ] = None,
+    model: Annotated[str | None, Form(description="model name (GET /v1/models); the default if absent")] = None,
+    faces: Annotated[str, Form(description="'all', 'largest' or comma-separated face indices")] = "all",
+    aligned: Annotated[
+        bool, Form(description="the image is already an aligned face crop: no detection, the crop is edited")
+    ] = False,
+    accept: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> Any:
+    data = await image.read(settings.max_upload_bytes + 1)
+    if len(data) > settings.max_upload_bytes:
+        raise EditError(413, f"upload larger than {settings.max_upload_bytes} bytes")
+    want_png = accept is not None and "image/png" in accept and "application/json" not in accept
+    result = await run_in_threadpool(
+        service.edit,
+        data,
+        edits,
+        model,
+        faces,
+        aligned,
+        image.content_type,
+        not want_png,
+        not want_png,
+    )
+    if want_png:
+        return Response(result.png(), media_type="image/png")
+    return EditResponse(
+        model=result.model,
+        image=b64_png(result.image),
+        overlay=b64_png(result.overlay),
+        faces=[FaceResult(**f) for f in result.faces],
+        timings_ms=result.timings_ms,
+        cache_hit=result.cache_hit,
+    )

@@ -1,0 +1,91 @@
+"""The ASGI app: ``server.app:app`` (or :func:`create_app` with explicit settings)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.api.routes import edit, health, models
+from server.config import Settings, get_settings
+from server.editor import EditError
+from server.state import create_state
+
+log = logging.getLogger(__name__)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "header"))
+        parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+    return "; ".join(parts) or "invalid request"
+
+
+def create_app(settings: Settings | None = None, load_models: bool = True) -> FastAPI:
+    settings = settings or get_settings()
+    state = create_state(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if load_models:
+            state.load_models()
+        yield
+
+    app = FastAPI(
+        title="Face attribute editor",
+        version="0.1.0",
+        description=(
+            "Detects and aligns the faces in a photo, edits chosen attributes with STGAN / MU-GAN models "
+            "trained by this project, pastes the edit back into the photo and shows where the model changed "
+            "the face. Trained weights: non-commercial research use only (CelebA / CelebA-HQ)."
+        ),
+        lifespan=lifespan,
+    )
+    app.state.face_editor = state
+
+    @app.middleware("http")
+    async def limit_upload_size(request: Request, call_next):  # type: ignore[no-untyped-def]
+        length = request.headers.get("content-length")
+        # multipart overhead on top of the file itself is small; allow 64 KiB for it
+        if length and length.isdigit() and int(length) > settings.max_upload_bytes + 65536:
+            return JSONResponse({"detail": f"upload larger than {settings.max_upload_bytes} bytes"}, status_code=413)
+        return await call_next(request)
+
+    @app.exception_handler(EditError)
+    async def edit_error(_: Request, exc: EditError) -> JSONResponse:
+        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _validation_message(exc)}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    app.include_router(health.router)
+    app.include_router(models.router)
+    app.include_router(edit.router)
+    try:
+        from frontend.page import mount_frontend
+    except ImportError:  # pragma: no cover - the frontend is part of the package
+        pass
+    else:
+        mount_frontend(app)
+    return app
+
+
+def __getattr__(name: str) -> FastAPI:
+    # ``server.app:app`` is built on first access so that importing this module stays cheap.
+    if name == "app":
+        global app
+        app = create_app()
+        return app
+    raise AttributeError(name)

@@ -1,0 +1,39 @@
+"""Service settings (pydantic-settings): every field can be set as ``FACE_EDITOR_<NAME>``."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FACE_EDITOR_", env_file=None, extra="ignore")
+
+    weights_dir: Path = Field(PROJECT_ROOT / "weights", description="folder of released model folders")
+    default_model: str | None = Field(None, description="model served when a request names none")
+    device: str = Field("auto", description="auto (CUDA when available, else CPU), cpu, cuda, cuda:1 …")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 where it is faster and agrees with fp32 within bf16_tolerance"
+    )
+    bf16_tolerance: float = Field(0.08, description="max |bf16 - fp32| of a model's output image in [-1, 1]")
+    max_upload_bytes: int = Field(15 * 1024 * 1024, description="larger uploads get 413")
+    max_pixels: int = Field(40_000_000, description="larger images get 413 (decompression-bomb limit)")
+    max_faces: int = Field(16, description="at most this many faces (the largest) are edited per photo")
+    detect_max_side: int = Field(640, description="detection runs on a copy downscaled to this side")
+    min_face_score: float = Field(0.9, description="MTCNN probability below which a face is ignored")
+    cache_size: int = Field(16, description="photos whose decoded pixels and encoder features are kept (LRU)")
+    cpu_threads: int = Field(0, description="torch intra-op threads (0: torch's default)")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    admin_token: str | None = Field(None, description="enables POST /v1/models/reload when set")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

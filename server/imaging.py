@@ -1,0 +1,83 @@
+"""Upload decoding and image encoding: EXIF orientation, any mode to RGB, size limits, PNG/base64."""
+
+from __future__ import annotations
+
+import base64
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ALLOWED_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
+ALLOWED_CONTENT_TYPES = {*ALLOWED_FORMATS.values(), "image/jpg", "application/octet-stream", ""}
+
+
+class ImageError(Exception):
+    """An upload that cannot be used; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+def decode_upload(data: bytes, max_pixels: int, content_type: str | None = None) -> np.ndarray:
+    """Bytes of a JPEG/PNG/WebP -> (H, W, 3) uint8 RGB, upright (EXIF orientation applied)."""
+    if content_type is not None:
+        base = content_type.split(";")[0].strip().lower()
+        if base not in ALLOWED_CONTENT_TYPES and not base.startswith("image/"):
+            raise ImageError(415, f"unsupported content type {base!r}: send a JPEG, PNG or WebP image")
+    if not data:
+        raise ImageError(422, "the uploaded file is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            fmt = im.format
+            if fmt not in ALLOWED_FORMATS:
+                raise ImageError(415, f"unsupported image format {fmt}: send a JPEG, PNG or WebP image")
+            if getattr(im, "n_frames", 1) > 1:
+                raise ImageError(415, f"animated {fmt} images are not supported: send a single still image")
+            w, h = im.size
+            if w * h > max_pixels:
+                raise ImageError(413, f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
+            if min(w, h) < 16:
+                raise ImageError(422, f"image is {w}x{h}: too small to hold a face")
+            im.load()
+            im = ImageOps.exif_transpose(im) or im
+            rgb = to_rgb(im)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(413, f"image too large: {exc}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(422, f"not a decodable image ({type(exc).__name__}: {exc})") from None
+    return np.asarray(rgb, dtype=np.uint8).copy()
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode (L, LA, P, RGBA, CMYK, I;16, I, F …) to RGB; transparency over white."""
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        hi = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, im).convert("RGB")
+    return im.convert("RGB")
+
+
+def encode_png(arr: np.ndarray, compress_level: int = 1) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+def b64_png(arr: np.ndarray, compress_level: int = 1) -> str:
+    return base64.b64encode(encode_png(arr, compress_level)).decode("ascii")

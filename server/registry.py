@@ -1,0 +1,193 @@
+"""Models served by the app: loaded once from the weights folder, in eval mode, bf16 where it pays."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.checkpoint import CONFIG_FILE, CheckpointError, ModelInfo, load_pretrained
+from models.generators import AttributeGenerator, Encoded
+from server.faces import DEFAULT_TEMPLATE
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class ServedGenerator:
+    name: str
+    info: ModelInfo
+    net: AttributeGenerator
+    device: torch.device
+    precision: str = "fp32"
+    bf16_max_abs_diff: float | None = None
+    speedup_bf16: float | None = None
+
+    @property
+    def template(self) -> list[list[float]]:
+        tpl = self.info.alignment_template
+        return tpl["landmarks"] if tpl else DEFAULT_TEMPLATE
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> Encoded:
+        with self._autocast():
+            return self.net.encode(x.to(self.device).contiguous(memory_format=torch.channels_last))
+
+    @torch.no_grad()
+    def decode(self, encoded: Encoded, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._autocast():
+            out, mask = self.net.decode(encoded, cond.to(self.device))
+        return out.float(), mask.float()
+
+    def describe(self, default: str | None) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "state": "loaded",
+            "architecture": self.info.architecture,
+            "attributes": list(self.info.attributes),
+            "image_size": self.info.image_size,
+            "conditioning": self.info.conditioning,
+            "learned_mask": self.info.mask_head,
+            "default": self.name == default,
+            "precision": self.precision,
+            "bf16_max_abs_diff": self.bf16_max_abs_diff,
+            "metrics": summarise_metrics(self.info.metrics),
+            "training": {
+                k: self.info.training.get(k) for k in ("steps", "wall_hours", "images_per_s") if k in self.info.training
+            },
+        }
+
+
+@dataclass
+class ServedClassifier:
+    info: ModelInfo
+    net: torch.nn.Module
+    device: torch.device
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Probabilities (B, n_attrs) for aligned faces in [-1, 1]."""
+        size = self.info.image_size
+        if x.shape[-1] != size:
+            x = torch.nn.functional.interpolate(x, size=(size, size), mode="area")
+        logits = self.net(x.to(self.device).contiguous(memory_format=torch.channels_last))
+        return torch.sigmoid(logits.float()).cpu()
+
+
+def summarise_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for split, m in metrics.items():
+        if isinstance(m, dict):
+            out[split] = {
+                k: m[k] for k in ("psnr", "ssim", "mean_edit_success", "mean_preservation", "n_images") if k in m
+            }
+            if "edit_success" in m:
+                out[split]["edit_success"] = m["edit_success"]
+    return out
+
+
+@dataclass
+class ModelRegistry:
+    """A snapshot of what is served; a reload builds a new one and swaps it in whole."""
+
+    generators: dict[str, ServedGenerator] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    classifier: ServedClassifier | None = None
+    default: str | None = None
+    loaded_at: float = field(default_factory=time.time)
+
+    @classmethod
+    def load(
+        cls,
+        weights_dir: Path,
+        device: torch.device,
+        default: str | None = None,
+        precision: str = "auto",
+        bf16_tolerance: float = 0.08,
+    ) -> ModelRegistry:
+        reg = cls()
+        folders = (
+            sorted(p for p in Path(weights_dir).glob("*") if (p / CONFIG_FILE).is_file())
+            if Path(weights_dir).is_dir()
+            else []
+        )
+        for folder in folders:
+            try:
+                net, info = load_pretrained(folder, device)
+            except (CheckpointError, ValueError, TypeError, RuntimeError) as exc:
+                reg.failed[folder.name] = str(exc)
+                log.error("model %s failed to load: %s", folder.name, exc)
+                continue
+            net = net.float().to(memory_format=torch.channels_last).eval()
+            if info.kind == "classifier":
+                if reg.classifier is None or folder.name == "classifier":
+                    reg.classifier = ServedClassifier(info, net, device)
+                continue
+            if info.kind != "generator":
+                continue
+            served = ServedGenerator(folder.name, info, net, device)  # type: ignore[arg-type]
+            choose_precision(served, precision, bf16_tolerance)
+            reg.generators[folder.name] = served
+            log.info("loaded %s (%s, %s)", folder.name, info.architecture, served.precision)
+        if default and default in reg.generators:
+            reg.default = default
+        elif default and reg.generators:
+            log.warning("default model %r is not loaded; using %s", default, next(iter(reg.generators)))
+        if reg.default is None and reg.generators:
+            preferred = [n for n in ("stgan", "mugan") if n in reg.generators]
+            reg.default = preferred[0] if preferred else next(iter(reg.generators))
+        if not reg.generators:
+            log.warning("no weights yet: no generator could be loaded from %s", weights_dir)
+        return reg
+
+    def describe(self) -> list[dict[str, Any]]:
+        out = [g.describe(self.default) for g in self.generators.values()]
+        out += [{"name": n, "state": "failed", "error": e} for n, e in self.failed.items()]
+        return out
+
+
+def choose_precision(served: ServedGenerator, precision: str, tolerance: float) -> None:
+    """bf16 autocast if asked, or (auto) if it is faster on this device and agrees with fp32."""
+    if precision == "fp32" or served.device.type not in ("cpu", "cuda"):
+        return
+    size = served.info.image_size
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, size, size, generator=g) * 2 - 1
+    cond = torch.randint(-1, 2, (4, len(served.info.attributes)), generator=g).float()
+    timings = {}
+    outputs = {}
+    for p in ("fp32", "bf16"):
+        served.precision = p
+        enc = served.encode(x)
+        served.decode(enc, cond)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(3):
+            enc = served.encode(x)
+            outputs[p] = served.decode(enc, cond)[0]
+        timings[p] = time.perf_counter() - t0
+    diff = float((outputs["bf16"] - outputs["fp32"]).abs().max())
+    served.bf16_max_abs_diff = round(diff, 5)
+    served.speedup_bf16 = round(timings["fp32"] / timings["bf16"], 2)
+    ok = diff <= tolerance
+    served.precision = "bf16" if precision == "bf16" or (ok and timings["bf16"] < timings["fp32"]) else "fp32"
+    log.info(
+        "%s: bf16 max |diff| %.4f (tolerance %.3f), speed-up %.2fx -> %s",
+        served.name,
+        diff,
+        tolerance,
+        served.speedup_bf16,
+        served.precision,
+    )

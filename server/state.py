@@ -1,0 +1,50 @@
+"""Process-wide state of the app: settings, the swappable model registry, detector and edit service."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from server.config import Settings
+from server.editor import EditService
+from server.faces import FaceDetector
+from server.registry import ModelRegistry, pick_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    device: torch.device
+    registry: ModelRegistry = field(default_factory=ModelRegistry)
+    _detector: FaceDetector | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    service: EditService = field(init=False)
+
+    def __post_init__(self) -> None:
+        s = self.settings
+        self.service = EditService(lambda: self.registry, self.detector, s.max_pixels, s.max_faces, s.cache_size)
+
+    def detector(self) -> FaceDetector:
+        with self._lock:
+            if self._detector is None:
+                self._detector = FaceDetector(self.device, self.settings.detect_max_side, self.settings.min_face_score)
+            return self._detector
+
+    def load_models(self) -> ModelRegistry:
+        """Load weights/ into a new registry and swap it in whole; in-flight requests keep the old one."""
+        s = self.settings
+        new = ModelRegistry.load(s.weights_dir, self.device, s.default_model, s.precision, s.bf16_tolerance)
+        self.registry = new
+        self.service.cache.clear()
+        return new
+
+
+def create_state(settings: Settings) -> AppState:
+    if settings.cpu_threads > 0:
+        torch.set_num_threads(settings.cpu_threads)
+    return AppState(settings, pick_device(settings.device))

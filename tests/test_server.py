@@ -1,0 +1,221 @@
+"""The editing service on real photos with tiny models: faces, paste-back, cache, every error path."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image, ImageOps
+
+from server.app import create_app
+from server.config import Settings
+from tests.server_utils import PHOTOS, make_weights
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_weights(tmp_path_factory.mktemp("weights"), generators=("stgan-tiny", "mugan-tiny"))
+
+
+@pytest.fixture(scope="module")
+def client(weights: Path) -> Iterator[TestClient]:
+    app = create_app(Settings(weights_dir=weights, default_model="stgan", max_upload_bytes=3_000_000))
+    with TestClient(app) as c:
+        yield c
+
+
+def _photo_bytes(name: str) -> bytes:
+    return (PHOTOS / name).read_bytes()
+
+
+def _decode_b64(s: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(s)))
+
+
+def _upright(name: str) -> np.ndarray:
+    with Image.open(PHOTOS / name) as im:
+        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+
+
+def _post(client: TestClient, data: bytes, mime: str = "image/jpeg", **form: str) -> object:
+    return client.post("/v1/edit", files={"image": ("photo", data, mime)}, data=form)
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(("photo", "n_faces"), [("portrait-2.jpg", 1), ("group-six-faces.jpg", 6)])
+def test_edit_real_photo(client: TestClient, photo: str, n_faces: int) -> None:
+    resp = _post(client, _photo_bytes(photo), edits=json.dumps({"Blond_Hair": 1.0, "Eyeglasses": 0.5}))
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["model"] == "stgan"
+    assert len(body["faces"]) == n_faces
+    original = _upright(photo)
+    edited = np.asarray(_decode_b64(body["image"]).convert("RGB"))
+    overlay = np.asarray(_decode_b64(body["overlay"]).convert("RGB"))
+    assert edited.shape == original.shape == overlay.shape
+    inside = np.zeros(original.shape[:2], dtype=bool)
+    for face in body["faces"]:
+        x0, y0, x1, y1 = (int(v) for v in face["region"])
+        inside[y0:y1, x0:x1] = True
+        bx0, by0, bx1, by1 = face["box"]
+        assert x0 <= bx0 and y0 <= by0 and bx1 <= x1 + 1 and by1 <= y1 + 1  # the face lies in its region
+        mask = _decode_b64(face["mask"])
+        assert mask.mode == "L" and mask.size == (32, 32)
+        assert _decode_b64(face["edited"]).size == (32, 32)
+        assert len(face["landmarks"]) == 5 and 0.9 <= face["score"] <= 1.0
+        assert set(face["attributes"]) == set(client.get("/v1/models").json()["models"][1]["attributes"])
+        assert all(0.0 <= p <= 1.0 for p in face["attributes"].values())
+    changed = np.any(edited != original, axis=2)
+    assert changed.any(), "the edit changed nothing"
+    assert not changed[~inside].any(), "pixels outside the pasted face regions changed"
+    assert np.any(overlay != edited)
+    assert {"decode_image", "detect", "align", "encode", "decode", "compose"} <= set(body["timings_ms"])
+
+
+def test_zero_edit_returns_the_photo_unchanged(client: TestClient) -> None:
+    resp = _post(client, _photo_bytes("portrait-2.jpg"), edits="{}")
+    edited = np.asarray(_decode_b64(resp.json()["image"]).convert("RGB"))
+    assert np.array_equal(edited, _upright("portrait-2.jpg"))
+
+
+def test_second_request_on_the_same_photo_is_a_cache_hit(weights: Path) -> None:
+    app = create_app(Settings(weights_dir=weights, cache_size=4))
+    with TestClient(app) as c:
+        data = _photo_bytes("portrait-3.jpg")
+        t0 = time.perf_counter()
+        first = _post(c, data, edits='{"Male": 1}').json()
+        t1 = time.perf_counter()
+        second = _post(c, data, edits='{"Male": -1, "Young": 0.3}').json()
+        t2 = time.perf_counter()
+        assert not first["cache_hit"] and second["cache_hit"]
+        assert "detect" in first["timings_ms"] and "detect" not in second["timings_ms"]
+        assert t2 - t1 < t1 - t0
+        assert first["image"] != second["image"]
+        stats = c.get("/v1/models").json()["cache"]
+        assert stats["hits"] == 1 and stats["misses"] == 1
+
+
+def test_faces_selection(client: TestClient) -> None:
+    data = _photo_bytes("group-six-faces.jpg")
+    body = _post(client, data, edits='{"Bald": 1}', faces="1,4").json()
+    assert [f["index"] for f in body["faces"]] == [1, 4]
+    largest = _post(client, data, edits='{"Bald": 1}', faces="largest").json()["faces"]
+    assert len(largest) == 1
+    resp = _post(client, data, edits='{"Bald": 1}', faces="7")
+    assert resp.status_code == 422 and "out of range" in resp.json()["detail"]
+    resp = _post(client, data, edits='{"Bald": 1}', faces="two")
+    assert resp.status_code == 422
+
+
+def test_aligned_crop_is_edited_at_its_own_size(client: TestClient) -> None:
+    crop = np.asarray(Image.open(PHOTOS / "portrait-2.jpg").convert("RGB").resize((96, 96)))
+    resp = _post(client, _png(crop), mime="image/png", edits='{"Pale_Skin": 1}', aligned="true", model="mugan")
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    out = _decode_b64(body["image"])
+    assert out.size == (96, 96) and body["model"] == "mugan"
+    assert len(body["faces"]) == 1 and "detect" not in body["timings_ms"]
+    assert np.any(np.asarray(out.convert("RGB")) != crop)
+
+
+def test_accept_png_returns_only_the_image(client: TestClient) -> None:
+    resp = client.post(
+        "/v1/edit",
+        files={"image": ("p.jpg", _photo_bytes("portrait-2.jpg"), "image/jpeg")},
+        data={"edits": '{"Mustache": 1}'},
+        headers={"Accept": "image/png"},
+    )
+    assert resp.status_code == 200 and resp.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(resp.content)).size == Image.open(PHOTOS / "portrait-2.jpg").size
+
+
+def test_health_ready_models_and_docs(client: TestClient) -> None:
+    assert client.get("/healthz").status_code == 200
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["models"] == {"mugan": "loaded", "stgan": "loaded"}
+    models = client.get("/v1/models").json()
+    by_name = {m["name"]: m for m in models["models"]}
+    assert by_name["stgan"]["default"] and not by_name["mugan"]["default"]
+    assert by_name["stgan"]["learned_mask"] and by_name["stgan"]["image_size"] == 32
+    assert by_name["stgan"]["metrics"]["test"]["psnr"] == 20.0
+    assert by_name["stgan"]["precision"] in ("fp32", "bf16")
+    schema = client.get("/openapi.json").json()
+    props = schema["components"]["schemas"]["Body_edit_v1_edit_post"]["properties"]
+    assert all(props[k].get("description") for k in ("image", "edits", "model", "faces", "aligned"))
+    assert client.get("/docs").status_code == 200
+
+
+def test_readyz_is_503_without_models(tmp_path: Path) -> None:
+    with TestClient(create_app(Settings(weights_dir=tmp_path))) as c:
+        ready = c.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["ready"] is False
+        resp = _post(c, _photo_bytes("portrait-2.jpg"), edits="{}")
+        assert resp.status_code == 503 and "no model" in resp.json()["detail"]
+
+
+# ---------------------------------------------------------------------------- error paths
+
+
+def test_upload_over_the_limit_is_413(client: TestClient) -> None:
+    resp = _post(client, b"\xff" * 3_100_000)
+    assert resp.status_code == 413 and "larger than" in resp.json()["detail"]
+
+
+def test_unsupported_types_are_415(client: TestClient) -> None:
+    gif = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(gif, format="GIF")
+    resp = _post(client, gif.getvalue(), mime="image/gif")
+    assert resp.status_code == 415 and "GIF" in resp.json()["detail"]
+    resp = _post(client, b"hello", mime="text/plain")
+    assert resp.status_code == 415
+
+
+def test_undecodable_image_is_422(client: TestClient) -> None:
+    resp = _post(client, b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    assert resp.status_code == 422 and "decodable" in resp.json()["detail"]
+
+
+def test_photo_without_face_is_422(client: TestClient) -> None:
+    gradient = np.tile(np.linspace(0, 255, 200, dtype=np.uint8)[None, :, None], (150, 1, 3))
+    resp = _post(client, _png(gradient), mime="image/png", edits='{"Bald": 1}')
+    assert resp.status_code == 422 and resp.json()["detail"] == "no face found in the photo"
+
+
+@pytest.mark.parametrize(
+    ("edits", "needle"),
+    [
+        ("not json", "JSON object"),
+        ("[1, 2]", "JSON object"),
+        ('{"Blond_Hair": 2}', "Blond_Hair"),
+        ('{"Blond_Hair": NaN}', "NaN"),
+        ('{"Blond_Hair": "lots"}', "Blond_Hair"),
+        ('{"Wings": 1}', "Wings"),
+    ],
+)
+def test_bad_edits_are_422_naming_the_problem(client: TestClient, edits: str, needle: str) -> None:
+    resp = _post(client, _photo_bytes("portrait-2.jpg"), edits=edits)
+    assert resp.status_code == 422 and needle in resp.json()["detail"]
+
+
+def test_unknown_model_is_422_listing_known_ones(client: TestClient) -> None:
+    resp = _post(client, _photo_bytes("portrait-2.jpg"), edits="{}", model="../../etc/passwd")
+    assert resp.status_code == 422
+    detail = resp.json()["detail"]
+    assert "unknown model" in detail and "stgan" in detail and "mugan" in detail
+
+
+def test_missing_image_field_is_422_with_a_string_detail(client: TestClient) -> None:
+    resp = client.post("/v1/edit", data={"edits": "{}"})
+    assert resp.status_code == 422 and isinstance(resp.json()["detail"], str) and "image" in resp.json()["detail"]
