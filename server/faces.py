@@ -167,8 +167,8 @@ def crop_footprint(alignment: Alignment, photo_shape: tuple[int, ...]) -> tuple[
     s = alignment.size
     corners = np.array([[0, 0, 1], [s, 0, 1], [0, s, 1], [s, s, 1]], dtype=np.float64).T
     pts = (alignment.inverse @ corners)[:2]
-    x0, y0 = max(math.floor(pts[0].min())) - 1, 0), max(math.floor(pts[1].min())) - 1, 0)
-    x1, y1 = min(math.ceil(pts[0].max())) + 2, w), min(math.ceil(pts[1].max())) + 2, h)
+    x0, y0 = max(math.floor(pts[0].min()) - 1, 0), max(math.floor(pts[1].min()) - 1, 0)
+    x1, y1 = min(math.ceil(pts[0].max()) + 2, w), min(math.ceil(pts[1].max()) + 2, h)
     return x0, y0, x1, y1
 
 
