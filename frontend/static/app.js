@@ -1,0 +1,297 @@
+// Face attribute editor: a thin client of the REST API (GET /v1/models, POST /v1/edit).
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = {
+  file: null,
+  models: [],
+  model: null,
+  faces: [],
+  face: "all",
+  values: {},
+  inflight: false,
+  pending: false,
+  debounce: null,
+  requestId: 0,
+};
+
+function currentModel() {
+  return state.models.find((m) => m.name === state.model);
+}
+
+function showError(message) {
+  const el = $("error");
+  el.textContent = message;
+  el.hidden = !message;
+}
+
+function setBusy(busy) {
+  $("spinner").hidden = !busy;
+  $("viewer").setAttribute("aria-busy", busy ? "true" : "false");
+}
+
+function pct(x) {
+  return x == null ? "—" : `${Math.round(x * 100)}%`;
+}
+
+async function loadModels() {
+  try {
+    const resp = await fetch("/v1/models");
+    const body = await resp.json();
+    state.models = body.models.filter((m) => m.state === "loaded");
+    const select = $("model");
+    select.innerHTML = "";
+    for (const m of body.models) {
+      const opt = document.createElement("option");
+      opt.value = m.name;
+      opt.textContent = m.state === "loaded" ? `${m.name} (${m.architecture})` : `${m.name} (failed to load)`;
+      opt.disabled = m.state !== "loaded";
+      select.appendChild(opt);
+    }
+    if (!state.models.length) {
+      showError("No model is loaded yet: train one and export it into weights/.");
+      return;
+    }
+    state.model = body.default || state.models[0].name;
+    select.value = state.model;
+    renderModelInfo();
+    buildSliders();
+  } catch (err) {
+    showError(`Could not reach the server: ${err}`);
+  }
+}
+
+function renderModelInfo() {
+  const m = currentModel();
+  const info = $("model-info");
+  if (!m) { info.textContent = ""; return; }
+  const rows = [
+    ["architecture", m.architecture],
+    ["image size", `${m.image_size} px`],
+    ["learned mask", m.learned_mask ? "yes" : "no (change map)"],
+    ["precision", m.precision],
+  ];
+  const test = (m.metrics || {}).test || (m.metrics || {}).val;
+  if (test) {
+    rows.push(["PSNR / SSIM", `${test.psnr?.toFixed(2)} dB / ${test.ssim?.toFixed(3)}`]);
+    if (test.mean_edit_success != null) {
+      rows.push(["edit success", pct(test.mean_edit_success)], ["preservation", pct(test.mean_preservation)]);
+    }
+  }
+  if (m.training && m.training.steps != null) rows.push(["trained", `${m.training.steps} steps, ${m.training.wall_hours} h`]);
+  info.innerHTML = "<table>" + rows.map(([k, v]) => `<tr><td>${k}</td><td>${v}</td></tr>`).join("") + "</table>";
+  $("model").title = rows.map(([k, v]) => `${k}: ${v}`).join("\n");
+}
+
+function buildSliders() {
+  const m = currentModel();
+  const box = $("sliders");
+  box.innerHTML = "";
+  state.values = {};
+  for (const attr of m.attributes) {
+    state.values[attr] = 0;
+    const id = `slider-${attr}`;
+    const label = document.createElement("label");
+    label.htmlFor = id;
+    label.textContent = attr.replaceAll("_", " ");
+    const input = document.createElement("input");
+    Object.assign(input, { type: "range", id, min: -1, max: 1, step: 0.05, value: 0 });
+    input.dataset.attr = attr;
+    input.addEventListener("input", () => {
+      state.values[attr] = parseFloat(input.value);
+      renderSliderValue(attr);
+      scheduleEdit();
+    });
+    const out = document.createElement("output");
+    out.id = `value-${attr}`;
+    out.htmlFor = id;
+    box.append(label, input, out);
+    renderSliderValue(attr);
+  }
+}
+
+function faceAttributes() {
+  if (!state.faces.length) return {};
+  const face = state.face === "all" ? state.faces[0] : state.faces.find((f) => f.index === state.face);
+  return (face && face.attributes) || {};
+}
+
+function renderSliderValue(attr) {
+  const out = $(`value-${attr}`);
+  if (!out) return;
+  const v = state.values[attr] || 0;
+  out.textContent = `${v > 0 ? "+" : ""}${v.toFixed(2)} · now ${pct(faceAttributes()[attr])}`;
+}
+
+function renderAllSliderValues() {
+  for (const attr of Object.keys(state.values)) renderSliderValue(attr);
+}
+
+function resetSliders() {
+  for (const input of $("sliders").querySelectorAll("input")) {
+    input.value = 0;
+    state.values[input.dataset.attr] = 0;
+  }
+  renderAllSliderValues();
+  scheduleEdit(0);
+}
+
+function scheduleEdit(delay = 150) {
+  if (!state.file) return;
+  clearTimeout(state.debounce);
+  state.debounce = setTimeout(requestEdit, delay);
+}
+
+async function requestEdit() {
+  if (!state.file) return;
+  if (state.inflight) { state.pending = true; return; }  // only the latest values are sent next
+  state.inflight = true;
+  setBusy(true);
+  const id = ++state.requestId;
+  const edits = Object.fromEntries(Object.entries(state.values).filter(([, v]) => v !== 0));
+  const form = new FormData();
+  form.append("image", state.file, state.file.name || "photo");
+  form.append("edits", JSON.stringify(edits));
+  form.append("model", state.model);
+  form.append("faces", state.face === "all" ? "all" : String(state.face));
+  try {
+    const resp = await fetch("/v1/edit", { method: "POST", body: form });
+    const body = await resp.json();
+    if (!resp.ok) throw new Error(body.detail || `HTTP ${resp.status}`);
+    showError("");
+    applyResult(body, id);
+  } catch (err) {
+    showError(String(err.message || err));
+  } finally {
+    state.inflight = false;
+    setBusy(false);
+    if (state.pending) { state.pending = false; requestEdit(); }
+  }
+}
+
+function applyResult(body, id) {
+  const image = `data:image/png;base64,${body.image}`;
+  const overlay = `data:image/png;base64,${body.overlay}`;
+  $("after").src = image;
+  $("overlay").src = overlay;
+  $("download").href = image;
+  $("overlay").dataset.requestId = String(id);
+  $("after").dataset.requestId = String(id);
+  $("download-overlay").href = overlay;
+  $("download").setAttribute("aria-disabled", "false");
+  $("download-overlay").setAttribute("aria-disabled", "false");
+  if (state.face === "all" || state.faces.length === 0) {
+    // a request for all faces reports every face: keep them for the picker and the outlines
+    state.faces = body.faces;
+    renderFaces();
+  }
+  renderAllSliderValues();
+  const total = Object.values(body.timings_ms).reduce((a, b) => a + b, 0);
+  $("status").textContent = `${body.faces.length} face(s) · ${body.model} · ${total.toFixed(0)} ms${body.cache_hit ? " (cached features)" : ""}`;
+}
+
+function renderFaces() {
+  const svg = $("boxes");
+  const img = $("before");
+  svg.setAttribute("viewBox", `0 0 ${img.naturalWidth} ${img.naturalHeight}`);
+  svg.innerHTML = "";
+  for (const f of state.faces) {
+    const [x0, y0, x1, y1] = f.box;
+    const rect = document.createElementNS("http://www.w3.org/2000/svg", "rect");
+    Object.entries({ x: x0, y: y0, width: x1 - x0, height: y1 - y0 }).forEach(([k, v]) => rect.setAttribute(k, v));
+    if (state.face === "all" || state.face === f.index) rect.classList.add("selected");
+    const text = document.createElementNS("http://www.w3.org/2000/svg", "text");
+    text.setAttribute("x", x0 + 4);
+    text.setAttribute("y", y0 - 6);
+    text.textContent = String(f.index + 1);
+    svg.append(rect, text);
+  }
+  const field = $("faces-field");
+  field.hidden = state.faces.length < 2;
+  const box = $("faces");
+  box.innerHTML = "";
+  const options = [["all", "All faces"], ...state.faces.map((f) => [f.index, `Face ${f.index + 1}`])];
+  for (const [value, text] of options) {
+    const label = document.createElement("label");
+    const input = document.createElement("input");
+    Object.assign(input, { type: "radio", name: "face", value: String(value) });
+    input.checked = String(state.face) === String(value);
+    input.addEventListener("change", () => {
+      state.face = value === "all" ? "all" : Number(value);
+      renderFaces();
+      renderAllSliderValues();
+      scheduleEdit(0);
+    });
+    const span = document.createElement("span");
+    span.textContent = text;
+    label.append(input, span);
+    box.appendChild(label);
+  }
+}
+
+function loadFile(file) {
+  if (!file) return;
+  if (!/^image\/(jpeg|png|webp)$/.test(file.type)) {
+    showError(`${file.name || "That file"} is not a JPEG, PNG or WebP image.`);
+    return;
+  }
+  showError("");
+  state.file = file;
+  state.faces = [];
+  state.face = "all";
+  const url = URL.createObjectURL(file);
+  $("before").src = url;
+  $("after").src = url;
+  $("viewer").hidden = false;
+  $("download").setAttribute("aria-disabled", "true");
+  $("download-overlay").setAttribute("aria-disabled", "true");
+  $("before").onload = () => renderFaces();
+  scheduleEdit(0);
+}
+
+function setupViewControls() {
+  $("split").addEventListener("input", (e) => {
+    $("after-clip").style.clipPath = `inset(0 0 0 ${e.target.value}%)`;
+  });
+  $("show-mask").addEventListener("change", (e) => {
+    $("overlay").hidden = !e.target.checked;
+    $("mask-opacity").disabled = !e.target.checked;
+  });
+  $("mask-opacity").addEventListener("input", (e) => {
+    $("overlay").style.opacity = String(e.target.value / 100);
+  });
+  $("overlay").style.opacity = String($("mask-opacity").value / 100);
+}
+
+function setupUpload() {
+  const drop = $("drop");
+  $("file").addEventListener("change", (e) => loadFile(e.target.files[0]));
+  drop.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" || e.key === " ") { e.preventDefault(); $("file").click(); }
+  });
+  for (const ev of ["dragenter", "dragover"]) {
+    drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.add("dragging"); });
+  }
+  for (const ev of ["dragleave", "drop"]) {
+    drop.addEventListener(ev, () => drop.classList.remove("dragging"));
+  }
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    loadFile(e.dataTransfer.files[0]);
+  });
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  setupUpload();
+  setupViewControls();
+  $("reset").addEventListener("click", resetSliders);
+  $("model").addEventListener("change", (e) => {
+    state.model = e.target.value;
+    renderModelInfo();
+    buildSliders();
+    state.faces = [];
+    state.face = "all";
+    scheduleEdit(0);
+  });
+  loadModels();
+});

@@ -1,0 +1,164 @@
+"""End to end in a real browser: Debian's Chromium driven by Playwright against a live uvicorn."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from tests.server_utils import PHOTOS, make_weights
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
+         "--no-first-run", "--disable-component-update", "--disable-sync"]  # fmt: skip
+
+if not Path(CHROMIUM).exists():
+    if os.environ.get("CI"):
+        pytest.fail(f"{CHROMIUM} is missing: CI must install Debian's chromium (bash .ci/setup.sh --with-browser)")
+    pytest.skip(f"{CHROMIUM} not installed (bash .ci/setup.sh --with-browser)", allow_module_level=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    weights = make_weights(tmp_path_factory.mktemp("weights"), generators=("stgan-tiny", "mugan-tiny"))
+    port = _free_port()
+    env = os.environ | {"FACE_EDITOR_WEIGHTS_DIR": str(weights), "FACE_EDITOR_DEFAULT_MODEL": "stgan"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "server.app:app", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None:
+                raise RuntimeError(proc.stdout.read().decode() if proc.stdout else "server died")
+            time.sleep(0.3)
+        else:
+            raise RuntimeError("server did not become ready in 60 s")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def page(server_url: str) -> Iterator[object]:
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        context = browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 900})
+        pg = context.new_page()
+        pg.set_default_timeout(30_000)
+        yield pg
+        context.close()
+        browser.close()
+
+
+def test_upload_slide_mask_download(page, server_url: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    page.goto(server_url + "/")
+    page.wait_for_function("() => document.querySelectorAll('#sliders input').length === 13")
+    assert page.locator("#model option").count() == 2
+
+    page.set_input_files("#file", str(PHOTOS / "portrait-2.jpg"))
+    page.wait_for_function("() => (document.getElementById('after').dataset.requestId || '') === '1'")
+    page.wait_for_function("() => state.faces.length === 1 && !state.inflight")
+    first_src = page.get_attribute("#after", "src")
+    assert "now" in page.inner_text("#value-Blond_Hair")
+
+    # move a slider with the keyboard; the preview must change without a page reload
+    page.focus("#slider-Blond_Hair")
+    page.keyboard.press("End")
+    page.wait_for_function("() => Number(document.getElementById('after').dataset.requestId) >= 2 && !state.inflight")
+    assert page.get_attribute("#after", "src") != first_src
+    assert page.input_value("#slider-Blond_Hair") == "1"
+    page.screenshot(path=str(ARTIFACTS / "editor-edited.png"), full_page=True)
+
+    page.check("#show-mask")
+    assert page.is_visible("#overlay")
+    page.fill("#mask-opacity", "40")
+    page.dispatch_event("#mask-opacity", "input")
+    assert page.eval_on_selector("#overlay", "el => el.style.opacity") == "0.4"
+    page.screenshot(path=str(ARTIFACTS / "editor-mask.png"), full_page=True)
+
+    with page.expect_download() as info:
+        page.click("#download")
+    target = tmp_path / "edited.png"
+    info.value.save_as(str(target))
+    edited = np.asarray(Image.open(target).convert("RGB"))
+    with Image.open(PHOTOS / "portrait-2.jpg") as im:
+        original = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    assert edited.shape == original.shape
+    x0, y0, x1, y1 = (int(v) for v in page.evaluate("() => state.faces[0].region"))
+    changed = np.any(edited != original, axis=2)
+    inside = np.zeros_like(changed)
+    inside[y0:y1, x0:x1] = True
+    assert changed[inside].any(), "the downloaded photo shows no edit"
+    assert not changed[~inside].any(), "the download differs from the upload outside the face region"
+
+    # the overlay download is the tinted photo
+    with page.expect_download() as info:
+        page.click("#download-overlay")
+    info.value.save_as(str(tmp_path / "overlay.png"))
+    assert Image.open(tmp_path / "overlay.png").size == (original.shape[1], original.shape[0])
+
+
+def test_bad_file_and_phone_width(page, server_url: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.goto(server_url + "/")
+    page.wait_for_function("() => document.querySelectorAll('#sliders input').length === 13")
+    blank = tmp_path / "blank.png"
+    buf = io.BytesIO()
+    Image.new("RGB", (200, 150), (120, 160, 200)).save(buf, format="PNG")
+    blank.write_bytes(buf.getvalue())
+    page.set_input_files("#file", str(blank))
+    page.wait_for_selector("#error:not([hidden])")
+    assert "no face" in page.inner_text("#error")
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    page.set_input_files("#file", str(text))
+    page.wait_for_function("() => document.getElementById('error').textContent.includes('not a JPEG')")
+    # nothing overflows the phone-width viewport horizontally
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= 390
+    page.screenshot(path=str(ARTIFACTS / "editor-phone.png"), full_page=True)
+
+
+def test_group_photo_face_picker(page, server_url: str) -> None:  # type: ignore[no-untyped-def]
+    page.goto(server_url + "/")
+    page.wait_for_function("() => document.querySelectorAll('#sliders input').length === 13")
+    page.set_input_files("#file", str(PHOTOS / "group-six-faces.jpg"))
+    page.wait_for_function("() => state.faces.length === 6 && !state.inflight")
+    assert page.locator("#boxes rect").count() == 6
+    assert page.locator("#faces input[type=radio]").count() == 7
+    page.check("#faces input[value='2']")
+    page.wait_for_function("() => state.face === 2 && !state.inflight")
+    assert page.locator("#boxes rect.selected").count() == 1
+    page.select_option("#model", "mugan")
+    page.wait_for_function("() => state.model === 'mugan' && !state.inflight && state.faces.length === 6")
+    page.screenshot(path=str(ARTIFACTS / "editor-group.png"), full_page=True)
