@@ -12,6 +12,8 @@ import dataclasses
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -345,7 +347,8 @@ class Trainer:
         bar = tqdm(total=end_step, initial=self.step, desc=cfg.preset, unit="it", mininterval=5.0, dynamic_ncols=True)
         window_t, window_imgs = time.monotonic(), 0
         log.info("training %s from step %d to %d on %s", cfg.preset, self.step, end_step, self.device)
-        while self.step < end_step and time.monotonic() < deadline:
+        stop = _StopFlag()
+        while self.step < end_step and time.monotonic() < deadline and not stop.requested:
             t0 = time.monotonic()
             logs = self.train_step()
             self.elapsed += time.monotonic() - t0
@@ -373,6 +376,9 @@ class Trainer:
                 self.save_checkpoint()
                 last_ckpt = time.monotonic()
         bar.close()
+        stop.restore()
+        if stop.requested:
+            log.info("signal %s received: checkpointing and stopping", stop.requested)
         self.save_checkpoint()
         self.write_samples()
         if self.writer is not None:
@@ -400,6 +406,24 @@ class Trainer:
             self.best_score, self.best_metrics = metrics["score"], metrics
             self.save_checkpoint("best")
         self.save_checkpoint()
+
+
+class _StopFlag:
+    """SIGTERM / SIGINT end the loop after the current step, so the run checkpoints before exiting."""
+
+    def __init__(self) -> None:
+        self.requested: int | None = None
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def read_training_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

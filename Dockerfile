@@ -1,0 +1,24 @@
+# The editor's image: uvicorn serving server.app:app, weights mounted read-only at /app/weights.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+WORKDIR /app
+
+# torch/torchvision pinned as in .ci/setup.sh; facenet-pytorch without its (torch<2.3) pins.
+RUN pip install "torch==2.14.1" "torchvision==0.29.1" \
+ && pip install --no-deps "facenet-pytorch==2.6.0"
+COPY pyproject.toml README.md ./
+COPY models ./models
+COPY server ./server
+COPY frontend ./frontend
+COPY training ./training
+RUN pip install . \
+ && useradd --create-home --uid 10001 editor \
+ && mkdir -p /app/weights && chown editor /app/weights
+USER editor
+
+ENV FACE_EDITOR_HOST=0.0.0.0 FACE_EDITOR_PORT=8000 FACE_EDITOR_WEIGHTS_DIR=/app/weights
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+  CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=4).status == 200 else 1)"
+CMD ["python", "-m", "uvicorn", "server.app:app", "--host", "0.0.0.0", "--port", "8000"]

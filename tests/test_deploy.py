@@ -1,0 +1,43 @@
+"""docker-compose.yml and the Dockerfile (no Docker engine here: parsed and checked, not run)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_app_service_serves_with_read_only_weights_healthcheck_and_limits() -> None:
+    app = _compose()["services"]["app"]
+    assert app["build"] == "." and "8000:8000" in app["ports"]
+    assert "./weights:/app/weights:ro" in app["volumes"]
+    assert "/readyz" in " ".join(app["healthcheck"]["test"])
+    assert app["user"].split(":")[0] != "0"
+    limits = app["deploy"]["resources"]["limits"]
+    assert float(limits["cpus"]) > 0 and limits["memory"].endswith("G")
+    assert app["environment"]["FACE_EDITOR_DEVICE"] == "cpu"
+    assert app["environment"]["FACE_EDITOR_WEIGHTS_DIR"] == "/app/weights"
+
+
+def test_gpu_profile_reserves_an_nvidia_device_and_uses_cuda() -> None:
+    gpu = _compose()["services"]["app-gpu"]
+    assert gpu["profiles"] == ["gpu"]
+    device = gpu["deploy"]["resources"]["reservations"]["devices"][0]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert gpu["environment"]["FACE_EDITOR_DEVICE"] == "cuda"
+    assert "./weights:/app/weights:ro" in gpu["volumes"]
+
+
+def test_dockerfile_runs_uvicorn_as_non_root_with_pinned_torch() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    assert "torch==2.14.1" in text and "--no-deps" in text and "facenet-pytorch==2.6.0" in text
+    assert "\nUSER editor" in text and "server.app:app" in text and "HEALTHCHECK" in text
+    # every package the app imports is copied into the image
+    for pkg in ("models", "server", "frontend", "training"):
+        assert f"COPY {pkg} ./{pkg}" in text
