@@ -59,7 +59,7 @@ def create_app(settings: Settings | None = None, load_models: bool = True) -> Fa
 
     @app.exception_handler(EditError)
     async def edit_error(_: Request, exc: EditError) -> JSONResponse:
-        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        headers = {"Retry-After": str(exc.retry_after or 1)} if exc.status == 503 else None
         return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)

@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     max_faces: int = Field(16, description="at most this many faces (the largest) are edited per photo")
     detect_max_side: int = Field(640, description="detection runs on a copy downscaled to this side")
     min_face_score: float = Field(0.9, description="MTCNN probability below which a face is ignored")
+    max_concurrent: int = Field(2, description="edits computed at the same time")
+    max_queue: int = Field(16, description="edits waiting beyond max_concurrent; more get 503 + Retry-After")
+    queue_timeout_s: float = Field(30.0, description="an edit waiting longer than this gets 503")
     cache_size: int = Field(16, description="photos whose decoded pixels and encoder features are kept (LRU)")
     cpu_threads: int = Field(0, description="torch intra-op threads (0: torch's default)")
     host: str = "127.0.0.1"

@@ -41,9 +41,56 @@ MAX_EDITS_CHARS = 10_000
 
 
 class EditError(Exception):
-    def __init__(self, status: int, detail: str) -> None:
+    def __init__(self, status: int, detail: str, retry_after: int | None = None) -> None:
         super().__init__(detail)
-        self.status, self.detail = status, detail
+        self.status, self.detail, self.retry_after = status, detail, retry_after
+
+
+class Admission:
+    """Bounds the work in the service: ``max_running`` at once, ``max_waiting`` more queued.
+
+    Past the bound a request is refused at once with 503 + Retry-After instead of letting memory and
+    latency grow; a queued request that waits longer than ``timeout`` is refused the same way.
+    """
+
+    def __init__(self, max_running: int, max_waiting: int, timeout: float) -> None:
+        self._admitted = threading.BoundedSemaphore(max_running + max_waiting)
+        self._running = threading.BoundedSemaphore(max_running)
+        self.timeout = timeout
+        self.max_running, self.max_waiting = max_running, max_waiting
+        self.rejected = 0
+        self.timed_out = 0
+        self.in_flight = 0
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> Admission:
+        if not self._admitted.acquire(blocking=False):
+            with self._lock:
+                self.rejected += 1
+            raise EditError(503, "the service is busy: too many edits queued, retry shortly", retry_after=1)
+        if not self._running.acquire(timeout=self.timeout):
+            self._admitted.release()
+            with self._lock:
+                self.timed_out += 1
+            raise EditError(503, f"the edit waited more than {self.timeout:g} s in the queue", retry_after=2)
+        with self._lock:
+            self.in_flight += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self.in_flight -= 1
+        self._running.release()
+        self._admitted.release()
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "running_limit": self.max_running,
+            "queue_limit": self.max_waiting,
+            "in_flight": self.in_flight,
+            "rejected": self.rejected,
+            "timed_out": self.timed_out,
+        }
 
 
 def parse_edits(text: str | None, attributes: tuple[str, ...]) -> dict[str, float]:
@@ -179,11 +226,13 @@ class EditService:
         max_pixels: int,
         max_faces: int,
         cache_size: int,
+        admission: Admission | None = None,
     ) -> None:
         self._registry = registry
         self._detector = detector
         self.max_pixels, self.max_faces = max_pixels, max_faces
         self.cache = FeatureCache(cache_size)
+        self.admission = admission or Admission(2, 16, 30.0)
 
     # ------------------------------------------------------------------ helpers
     def resolve_model(self, name: str | None) -> ServedGenerator:
@@ -276,6 +325,20 @@ class EditService:
         content_type: str | None = None,
         want_overlay: bool = True,
         want_crops: bool = True,
+    ) -> EditResult:
+        with self.admission:
+            return self._edit(data, edits_json, model_name, faces, aligned, content_type, want_overlay, want_crops)
+
+    def _edit(
+        self,
+        data: bytes,
+        edits_json: str | None,
+        model_name: str | None,
+        faces: str | None,
+        aligned: bool,
+        content_type: str | None,
+        want_overlay: bool,
+        want_crops: bool,
     ) -> EditResult:
         timer = Timer()
         model = self.resolve_model(model_name)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from server.config import Settings
-from server.editor import EditService
+from server.editor import Admission, EditService
 from server.faces import FaceDetector
 from server.registry import ModelRegistry, pick_device
 
@@ -27,7 +27,10 @@ class AppState:
 
     def __post_init__(self) -> None:
         s = self.settings
-        self.service = EditService(lambda: self.registry, self.detector, s.max_pixels, s.max_faces, s.cache_size)
+        admission = Admission(s.max_concurrent, s.max_queue, s.queue_timeout_s)
+        self.service = EditService(
+            lambda: self.registry, self.detector, s.max_pixels, s.max_faces, s.cache_size, admission
+        )
 
     def detector(self) -> FaceDetector:
         with self._lock:

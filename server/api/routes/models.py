@@ -23,6 +23,7 @@ def list_models(state: StateDep) -> dict[str, Any]:
             "metrics": reg.classifier.info.metrics.get("val_mean_accuracy"),
         },
         "cache": state.service.cache.stats(),
+        "queue": state.service.admission.stats(),
     }
 
 
