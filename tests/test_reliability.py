@@ -68,9 +68,8 @@ def test_admission_refuses_past_the_bound_and_times_out() -> None:
     waiter = threading.Thread(target=wait_in_queue)
     waiter.start()
     time.sleep(0.05)
-    with pytest.raises(EditError) as exc:  # running 1 + waiting 1: the third is refused at once
-        with adm:
-            pass
+    with pytest.raises(EditError) as exc, adm:  # running 1 + waiting 1: the third is refused at once
+        pass
     assert exc.value.status == 503 and exc.value.retry_after
     waiter.join(5)
     assert isinstance(waiter_result[0], EditError) and "waited" in waiter_result[0].detail  # timed out
@@ -161,7 +160,7 @@ def test_hot_reload_swaps_models_and_lets_in_flight_requests_finish(
                 str(run),
                 "--max-steps",
                 "2",
-                *sum([["--set", s] for s in sets], []),
+                *[x for s in sets for x in ("--set", s)],
             ]
         )
         cli(
@@ -223,7 +222,7 @@ def test_training_killed_with_sigkill_resumes_from_the_last_complete_checkpoint(
         f"classifier={tmp_path}/none",
     ]
     cmd = [sys.executable, "-m", "training", "train", "--preset", "stgan-tiny", "--run", str(run), "--resume"]
-    cmd += sum([["--set", s] for s in sets], [])
+    cmd += [x for s in sets for x in ("--set", s)]
     ckpt = run / "checkpoints" / "last.safetensors"
     rng = np.random.default_rng(0)
     last_step = 0
