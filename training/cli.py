@@ -131,7 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", help="train a GAN preset (resumable)")
     s.add_argument("--preset", help="model preset, e.g. stgan-cpu, mugan-cpu (see models.registry)")
     s.add_argument("--config", help="a TrainConfig JSON file")
-    s.add_argument("--run", required=True, help="run folder (checkpoints, samples, tensorboard)")
+    s.add_argument(
+        "--run",
+        "--run-dir",
+        dest="run",
+        required=True,
+        help="run folder (checkpoints, samples, tensorboard); under torchrun spell it --run-dir",
+    )
     s.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints/last.safetensors if present")
     s.add_argument("--max-minutes", type=float, help="stop (and checkpoint) after this much wall time")
     s.add_argument("--max-steps", type=int, help="stop after this many more steps")

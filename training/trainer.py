@@ -28,7 +28,7 @@ from models.attributes import condition_vector, exclusive_groups_for
 from models.checkpoint import CheckpointError, atomic_save_tensors, atomic_write_bytes, load_pretrained
 from models.generators import AttributeGenerator
 from models.registry import build, config_dict, get_preset, parse_config
-from training import losses
+from training import distributed, losses
 from training.data import CachedFaces, StepSampler, step_generator
 from training.evaluation import evaluate_generator, selection_score
 from training.options import TrainConfig
@@ -110,7 +110,10 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: str | Path) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.device = pick_device(cfg.device)
+        self.device, self.rank, self.world_size = distributed.init(cfg.device)
+        if cfg.batch_size % self.world_size:
+            raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {self.world_size} ranks")
+        self.is_main = self.rank == 0
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
@@ -119,6 +122,10 @@ class Trainer:
         self.D = build_discriminator(cfg, self.G.config.image_size)
         self.G.to(self.device, memory_format=self.memory_format)
         self.D.to(self.device, memory_format=self.memory_format)
+        if self.world_size > 1:
+            distributed.convert_batchnorm(self.G, self.device)
+            distributed.broadcast_parameters(self.G)
+            distributed.broadcast_parameters(self.D)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg.lr_g, betas=(cfg.beta1, cfg.beta2))
         self.opt_D = torch.optim.Adam(self.D.parameters(), lr=cfg.lr_d, betas=(cfg.beta1, cfg.beta2))
@@ -162,19 +169,24 @@ class Trainer:
         for group in self.opt_D.param_groups:
             group["lr"] = self.cfg.lr_d * factor
 
-    def _batch(self, step: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batch(self, step: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's slice of the step's global batch: images, source labels, target labels."""
         idx = self.sampler.indices(step)
         flip = torch.rand(len(idx), generator=gen) < 0.5 if self.cfg.hflip else None
-        x, c = self.train_set.get(idx, flip)
-        return x.to(self.device).contiguous(memory_format=self.memory_format), c.to(self.device)
+        c_all = self.train_set.labels[idx]
+        c_trg = sample_targets(c_all, gen, self.groups, self.cfg.single_flip_fraction)
+        n = len(idx) // self.world_size
+        mine = slice(self.rank * n, (self.rank + 1) * n)
+        x, c = self.train_set.get(idx[mine], None if flip is None else flip[mine])
+        x = x.to(self.device).contiguous(memory_format=self.memory_format)
+        return x, c.to(self.device), c_trg[mine].to(self.device)
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict[str, float]:
         cfg, step = self.cfg, self.step
         self._set_lr()
         gen = step_generator(cfg.seed, step)
-        x_real, c_src = self._batch(step, gen)
-        c_trg = sample_targets(c_src.cpu(), gen, self.groups, cfg.single_flip_fraction).to(self.device)
+        x_real, c_src, c_trg = self._batch(step, gen)
         mode = self.G.config.conditioning
         cond = condition_vector(c_src, c_trg - c_src, mode)
         cond_rec = condition_vector(c_src, torch.zeros_like(c_src), mode)
@@ -210,6 +222,7 @@ class Trainer:
                 d_loss = d_loss + 0.5 * cfg.r1_gamma * cfg.r1_interval * r1
             self.opt_D.zero_grad(set_to_none=True)
             d_loss.backward()
+            distributed.average_gradients(self.D)
             self.opt_D.step()
         logs["d_loss"] = d_loss.item()
 
@@ -240,11 +253,12 @@ class Trainer:
             g_loss = g_loss + cfg.lambda_mask_l1 * m_l1 + cfg.lambda_mask_tv * m_tv + cfg.lambda_mask_floor * m_floor
         self.opt_G.zero_grad(set_to_none=True)
         g_loss.backward()
+        distributed.average_gradients(self.G)
         self.opt_G.step()
         logs["g_loss"] = g_loss.item()
         self._update_ema()
         self.step += 1
-        self.images_seen += len(x_real)
+        self.images_seen += cfg.batch_size
         return logs
 
     @torch.no_grad()
@@ -260,6 +274,9 @@ class Trainer:
         return self.run_dir / "checkpoints" / f"{name}.safetensors"
 
     def save_checkpoint(self, name: str = "last") -> Path:
+        path = self.checkpoint_path(name)
+        if not self.is_main:
+            return path
         tensors: dict[str, torch.Tensor] = {}
         for prefix, module in (("G", self.G), ("D", self.D), ("G_ema", self.G_ema)):
             tensors |= {f"{prefix}.{k}": v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
@@ -279,7 +296,6 @@ class Trainer:
             "opt_G.param_groups": groups_g,
             "opt_D.param_groups": groups_d,
         }
-        path = self.checkpoint_path(name)
         atomic_save_tensors(path, tensors, metadata)
         return path
 
@@ -321,7 +337,9 @@ class Trainer:
         metrics["step"] = self.step
         return metrics
 
-    def write_samples(self) -> Path:
+    def write_samples(self) -> Path | None:
+        if not self.is_main:
+            return None
         x, c = self.val_set.get(torch.arange(min(8, len(self.val_set))))
         grid = edit_grid(self.G_ema, x.to(self.device), c.to(self.device), tuple(self.cfg.attributes), amp=self.cfg.amp)
         out = self.run_dir / "samples" / f"step_{self.step:07d}.png"
@@ -333,28 +351,39 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self, max_minutes: float | None = None, max_steps: int | None = None) -> None:
         cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.run_dir / "train_config.json", (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            config_json = (json.dumps(cfg.to_dict(), indent=2) + "\n").encode()
+            atomic_write_bytes(self.run_dir / "train_config.json", config_json)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
-        except ImportError:  # pragma: no cover
-            log.warning("tensorboard not installed: no scalars written")
+                self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+            except ImportError:  # pragma: no cover
+                log.warning("tensorboard not installed: no scalars written")
         end_step = cfg.total_steps if max_steps is None else min(cfg.total_steps, self.step + max_steps)
         deadline = time.monotonic() + max_minutes * 60 if max_minutes else math.inf
         last_ckpt = time.monotonic()
-        bar = tqdm(total=end_step, initial=self.step, desc=cfg.preset, unit="it", mininterval=5.0, dynamic_ncols=True)
+        bar = tqdm(
+            total=end_step,
+            initial=self.step,
+            desc=cfg.preset,
+            unit="it",
+            mininterval=5.0,
+            dynamic_ncols=True,
+            disable=not self.is_main,
+        )
         window_t, window_imgs = time.monotonic(), 0
         log.info("training %s from step %d to %d on %s", cfg.preset, self.step, end_step, self.device)
         stop = _StopFlag()
-        while self.step < end_step and time.monotonic() < deadline and not stop.requested:
+        while self.step < end_step and not self._should_stop(deadline, stop):
             t0 = time.monotonic()
             logs = self.train_step()
             self.elapsed += time.monotonic() - t0
             window_imgs += cfg.batch_size
             bar.update(1)
             if self.step % cfg.log_every == 0:
+                distributed.check_in_sync(self.G)
                 rate = window_imgs / max(time.monotonic() - window_t, 1e-9)
                 window_t, window_imgs = time.monotonic(), 0
                 logs["images_per_s"] = rate
@@ -370,7 +399,7 @@ class Trainer:
                         self.writer.add_scalar(f"train/{k}", v, self.step)
             if self.step % cfg.sample_every == 0:
                 self.write_samples()
-            if self.step % cfg.eval_every == 0:
+            if self.step % cfg.eval_every == 0 and self.is_main:
                 self._validate_and_select()
             if time.monotonic() - last_ckpt > cfg.checkpoint_every_minutes * 60:
                 self.save_checkpoint()
@@ -383,7 +412,17 @@ class Trainer:
         self.write_samples()
         if self.writer is not None:
             self.writer.close()
+        distributed.check_in_sync(self.G)
         log.info("stopped at step %d (%.1f min of training in total)", self.step, self.elapsed / 60)
+
+    def _should_stop(self, deadline: float, stop: _StopFlag) -> bool:
+        """Time limit or signal; under torchrun every rank stops at the same step (any rank may ask)."""
+        want = time.monotonic() >= deadline or stop.requested is not None
+        if self.world_size > 1:
+            flag = torch.tensor([1.0 if want else 0.0], device=self.device)
+            torch.distributed.all_reduce(flag)
+            want = bool(flag.item() > 0)
+        return want
 
     def _validate_and_select(self) -> None:
         metrics = self.validate()
