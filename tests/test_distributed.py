@@ -48,7 +48,7 @@ def test_two_gloo_ranks_match_one_process(prepared_cache: Path, tmp_path: Path) 
             "--run-dir",
             str(tmp_path / "ddp"),
             *common,
-        ],  # fmt: skip
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,
