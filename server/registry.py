@@ -12,6 +12,7 @@ import torch
 
 from models.checkpoint import CONFIG_FILE, CheckpointError, ModelInfo, load_pretrained
 from models.generators import AttributeGenerator, Encoded
+from server.batching import MicroBatcher
 from server.faces import DEFAULT_TEMPLATE
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,17 @@ class ServedGenerator:
     precision: str = "fp32"
     bf16_max_abs_diff: float | None = None
     speedup_bf16: float | None = None
+    batcher: MicroBatcher | None = None
+
+    def enable_batching(self, max_batch: int, max_wait_ms: float) -> None:
+        if max_batch > 1:
+            self.batcher = MicroBatcher(lambda enc, cond: self.decode(enc, cond), max_batch, max_wait_ms, self.name)
+
+    def decode_batched(self, encoded: Encoded, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like :meth:`decode`, merged with concurrent callers' rows when micro-batching is on."""
+        if self.batcher is None:
+            return self.decode(encoded, cond)
+        return self.batcher(encoded, cond)
 
     @property
     def template(self) -> list[list[float]]:
@@ -63,6 +75,7 @@ class ServedGenerator:
             "learned_mask": self.info.mask_head,
             "default": self.name == default,
             "precision": self.precision,
+            "micro_batching": None if self.batcher is None else self.batcher.stats(),
             "bf16_max_abs_diff": self.bf16_max_abs_diff,
             "metrics": summarise_metrics(self.info.metrics),
             "training": {
@@ -117,6 +130,8 @@ class ModelRegistry:
         default: str | None = None,
         precision: str = "auto",
         bf16_tolerance: float = 0.08,
+        micro_batch: int = 8,
+        micro_batch_wait_ms: float = 5.0,
     ) -> ModelRegistry:
         reg = cls()
         folders = (
@@ -140,6 +155,7 @@ class ModelRegistry:
                 continue
             served = ServedGenerator(folder.name, info, net, device)  # type: ignore[arg-type]
             choose_precision(served, precision, bf16_tolerance)
+            served.enable_batching(micro_batch, micro_batch_wait_ms)
             reg.generators[folder.name] = served
             log.info("loaded %s (%s, %s)", folder.name, info.architecture, served.precision)
         if default and default in reg.generators:
@@ -152,6 +168,11 @@ class ModelRegistry:
         if not reg.generators:
             log.warning("no weights yet: no generator could be loaded from %s", weights_dir)
         return reg
+
+    def close(self) -> None:
+        for g in self.generators.values():
+            if g.batcher is not None:
+                g.batcher.close()
 
     def describe(self) -> list[dict[str, Any]]:
         out = [g.describe(self.default) for g in self.generators.values()]

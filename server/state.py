@@ -41,8 +41,17 @@ class AppState:
     def load_models(self) -> ModelRegistry:
         """Load weights/ into a new registry and swap it in whole; in-flight requests keep the old one."""
         s = self.settings
-        new = ModelRegistry.load(s.weights_dir, self.device, s.default_model, s.precision, s.bf16_tolerance)
-        self.registry = new
+        new = ModelRegistry.load(
+            s.weights_dir,
+            self.device,
+            s.default_model,
+            s.precision,
+            s.bf16_tolerance,
+            s.micro_batch,
+            s.micro_batch_wait_ms,
+        )
+        old, self.registry = self.registry, new
+        old.close()  # its batchers finish what is queued, then their threads end
         self.service.cache.clear()
         return new
 
