@@ -106,7 +106,8 @@ def test_stu_shapes_and_gate_ranges() -> None:
 def test_auc_gates_the_encoder_feature() -> None:
     auc = AttentionUNetConnection(enc_ch=6, dec_ch=8, inner_ch=3, norm="batch").eval()
     x_enc, g_dec = torch.randn(2, 6, 16, 16), torch.randn(2, 8, 16, 16)
-    out, psi = auc(x_enc, g_dec)
+    with torch.no_grad():
+        out, psi = auc(x_enc, g_dec)
     assert out.shape == x_enc.shape and psi.shape == (2, 1, 16, 16)
     assert float(psi.min()) >= 0 and float(psi.max()) <= 1
     torch.testing.assert_close(out, x_enc * psi)

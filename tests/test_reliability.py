@@ -243,3 +243,37 @@ def test_training_killed_with_sigkill_resumes_from_the_last_complete_checkpoint(
     # and a normal resume continues from it
     subprocess.run([*cmd, "--max-steps", "1"], cwd=ROOT, check=True, capture_output=True)
     assert int(read_training_checkpoint(ckpt)[1]["step"]) == last_step + 1
+
+
+def test_export_notify_reloads_a_live_server(tmp_path: Path, prepared_cache: Path) -> None:
+    from tests.server_utils import live_server
+    from training.cli import main as cli
+    from training.options import TrainConfig
+    from training.trainer import Trainer
+
+    weights = make_weights(tmp_path / "w")
+    cfg = TrainConfig(
+        preset="stgan-tiny",
+        disc_preset="discriminator-tiny",
+        batch_size=4,
+        cache_dir=str(prepared_cache),
+        classifier=str(tmp_path / "none"),
+        sample_every=1000,
+        eval_every=1000,
+    )
+    Trainer(cfg, tmp_path / "run").fit(max_steps=3)
+    with live_server(weights, admin_token="tok") as (url, _):
+        import httpx
+
+        def steps() -> object:
+            models = httpx.get(url + "/v1/models").json()["models"]
+            return next(m for m in models if m["name"] == "stgan")["training"].get("steps")
+
+        assert steps() is None  # the tiny model made by the test has no training record
+        os.environ["FACE_EDITOR_ADMIN_TOKEN"] = "tok"
+        try:
+            cli(["export", "--run", str(tmp_path / "run"), "--out", str(weights / "stgan"), "--checkpoint", "last",
+                 "--cache-dir", str(prepared_cache), "--notify", url + "/v1/models/reload"])  # fmt: skip
+        finally:
+            del os.environ["FACE_EDITOR_ADMIN_TOKEN"]
+        assert steps() == 3

@@ -192,8 +192,13 @@ def notify_server(url: str) -> None:
     import httpx
 
     token = os.environ.get("FACE_EDITOR_ADMIN_TOKEN", "")
-    resp = httpx.post(url, headers={"Authorization": f"Bearer {token}"}, timeout=120)
-    log.info("notified %s: %s %s", url, resp.status_code, resp.text[:200])
+    try:
+        resp = httpx.post(url, headers={"Authorization": f"Bearer {token}"}, timeout=120)
+    except httpx.HTTPError as exc:
+        raise SystemExit(f"export done, but notifying {url} failed: {exc}") from None
+    if resp.status_code != 200:
+        raise SystemExit(f"export done, but {url} answered {resp.status_code}: {resp.text[:200]}")
+    log.info("notified %s: %s", url, resp.text[:200])
 
 
 def update_metrics(folder: str | Path, key: str, metrics: dict) -> None:
