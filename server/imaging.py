@@ -81,3 +81,15 @@ def encode_png(arr: np.ndarray, compress_level: int = 1) -> bytes:
 
 def b64_png(arr: np.ndarray, compress_level: int = 1) -> str:
     return base64.b64encode(encode_png(arr, compress_level)).decode("ascii")
+
+
+def encode_jpeg(arr: np.ndarray, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def b64_image(arr: np.ndarray, image_format: str) -> str:
+    """Base64 PNG (lossless, fast compression) or JPEG (smaller, for live previews)."""
+    data = encode_jpeg(arr) if image_format == "jpeg" else encode_png(arr)
+    return base64.b64encode(data).decode("ascii")

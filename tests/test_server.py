@@ -219,3 +219,14 @@ def test_unknown_model_is_422_listing_known_ones(client: TestClient) -> None:
 def test_missing_image_field_is_422_with_a_string_detail(client: TestClient) -> None:
     resp = client.post("/v1/edit", data={"edits": "{}"})
     assert resp.status_code == 422 and isinstance(resp.json()["detail"], str) and "image" in resp.json()["detail"]
+
+
+def test_jpeg_previews_and_bad_format(client: TestClient) -> None:
+    resp = _post(client, _photo_bytes("portrait-2.jpg"), edits='{"Young": 1}', image_format="jpeg")
+    body = resp.json()
+    assert resp.status_code == 200 and body["image_format"] == "jpeg"
+    img = _decode_b64(body["image"])
+    assert img.format == "JPEG" and img.size == Image.open(PHOTOS / "portrait-2.jpg").size
+    assert _decode_b64(body["overlay"]).format == "JPEG"
+    resp = _post(client, _photo_bytes("portrait-2.jpg"), edits="{}", image_format="gif")
+    assert resp.status_code == 422 and "image_format" in resp.json()["detail"]

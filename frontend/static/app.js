@@ -148,16 +148,8 @@ async function requestEdit() {
   state.inflight = true;
   setBusy(true);
   const id = ++state.requestId;
-  const edits = Object.fromEntries(Object.entries(state.values).filter(([, v]) => v !== 0));
-  const form = new FormData();
-  form.append("image", state.file, state.file.name || "photo");
-  form.append("edits", JSON.stringify(edits));
-  form.append("model", state.model);
-  form.append("faces", state.face === "all" ? "all" : String(state.face));
   try {
-    const resp = await fetch("/v1/edit", { method: "POST", body: form });
-    const body = await resp.json();
-    if (!resp.ok) throw new Error(body.detail || `HTTP ${resp.status}`);
+    const body = await postEdit("jpeg");  // previews: JPEG is smaller and faster to encode
     showError("");
     applyResult(body, id);
   } catch (err) {
@@ -169,15 +161,51 @@ async function requestEdit() {
   }
 }
 
+function editForm(imageFormat) {
+  const edits = Object.fromEntries(Object.entries(state.values).filter(([, v]) => v !== 0));
+  const form = new FormData();
+  form.append("image", state.file, state.file.name || "photo");
+  form.append("edits", JSON.stringify(edits));
+  form.append("model", state.model);
+  form.append("faces", state.face === "all" ? "all" : String(state.face));
+  form.append("image_format", imageFormat);
+  return form;
+}
+
+async function postEdit(imageFormat) {
+  const resp = await fetch("/v1/edit", { method: "POST", body: editForm(imageFormat) });
+  const body = await resp.json();
+  if (!resp.ok) throw new Error(body.detail || `HTTP ${resp.status}`);
+  return body;
+}
+
+async function download(which) {
+  // full-resolution, lossless: the same edit again as PNG (features are cached on the server)
+  setBusy(true);
+  try {
+    const body = await postEdit("png");
+    const bytes = Uint8Array.from(atob(body[which]), (ch) => ch.charCodeAt(0));
+    const url = URL.createObjectURL(new Blob([bytes], { type: "image/png" }));
+    const a = document.createElement("a");
+    a.href = url;
+    a.download = which === "image" ? "edited.png" : "overlay.png";
+    document.body.appendChild(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 10000);
+  } catch (err) {
+    showError(String(err.message || err));
+  } finally {
+    setBusy(false);
+  }
+}
+
 function applyResult(body, id) {
-  const image = `data:image/png;base64,${body.image}`;
-  const overlay = `data:image/png;base64,${body.overlay}`;
-  $("after").src = image;
-  $("overlay").src = overlay;
-  $("download").href = image;
+  const mime = body.image_format === "jpeg" ? "image/jpeg" : "image/png";
+  $("after").src = `data:${mime};base64,${body.image}`;
+  $("overlay").src = `data:${mime};base64,${body.overlay}`;
   $("overlay").dataset.requestId = String(id);
   $("after").dataset.requestId = String(id);
-  $("download-overlay").href = overlay;
   $("download").setAttribute("aria-disabled", "false");
   $("download-overlay").setAttribute("aria-disabled", "false");
   if (state.face === "all" || state.faces.length === 0) {
@@ -285,6 +313,8 @@ document.addEventListener("DOMContentLoaded", () => {
   setupUpload();
   setupViewControls();
   $("reset").addEventListener("click", resetSliders);
+  $("download").addEventListener("click", (e) => { e.preventDefault(); download("image"); });
+  $("download-overlay").addEventListener("click", (e) => { e.preventDefault(); download("overlay"); });
   $("model").addEventListener("change", (e) => {
     state.model = e.target.value;
     renderModelInfo();

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Header, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 
 from server.api.deps import ServiceDep, SettingsDep
 from server.editor import EditError
-from server.imaging import b64_png
+from server.imaging import b64_image
 
 router = APIRouter(prefix="/v1", tags=["edit"])
 
@@ -28,8 +28,9 @@ class FaceResult(BaseModel):
 
 class EditResponse(BaseModel):
     model: str = Field(description="the model that made the edit")
-    image: str = Field(description="base64 PNG of the whole edited photo, same size as the input")
-    overlay: str = Field(description="base64 PNG: the edited photo with the attention mask tinted over the faces")
+    image: str = Field(description="base64 PNG (or JPEG, see image_format) of the edited photo, same size as the input")
+    overlay: str = Field(description="base64 image: the edited photo with the attention mask tinted over the faces")
+    image_format: str = Field(description="png or jpeg: how image and overlay are encoded")
     faces: list[FaceResult]
     timings_ms: dict[str, float] = Field(description="milliseconds per stage")
     cache_hit: bool = Field(description="true when detection, alignment and encoder came from the cache")
@@ -71,6 +72,10 @@ async def edit(
     aligned: Annotated[
         bool, Form(description="the image is already an aligned face crop: no detection, the crop is edited")
     ] = False,
+    image_format: Annotated[
+        Literal["png", "jpeg"],
+        Form(description="encoding of `image` and `overlay` in the JSON: png (lossless) or jpeg (smaller previews)"),
+    ] = "png",
     accept: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> Any:
     data = await image.read(settings.max_upload_bytes + 1)
@@ -92,8 +97,9 @@ async def edit(
         return Response(result.png(), media_type="image/png")
     return EditResponse(
         model=result.model,
-        image=b64_png(result.image),
-        overlay=b64_png(result.overlay),
+        image=b64_image(result.image, image_format),
+        overlay=b64_image(result.overlay, image_format),
+        image_format=image_format,
         faces=[FaceResult(**f) for f in result.faces],
         timings_ms=result.timings_ms,
         cache_hit=result.cache_hit,
