@@ -277,3 +277,30 @@ def test_export_notify_reloads_a_live_server(tmp_path: Path, prepared_cache: Pat
         finally:
             del os.environ["FACE_EDITOR_ADMIN_TOKEN"]
         assert steps() == 3
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(prepared_cache: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    sets = [
+        "disc_preset=discriminator-tiny",
+        "batch_size=4",
+        "sample_every=1000000",
+        "eval_every=1000000",
+        "checkpoint_every_minutes=1000",  # no periodic checkpoint: only the one SIGTERM triggers
+        f"cache_dir={prepared_cache}",
+        f"classifier={tmp_path}/none",
+    ]
+    cmd = [sys.executable, "-m", "training", "train", "--preset", "stgan-tiny", "--run", str(run)]
+    proc = subprocess.Popen(
+        [*cmd, *[x for s in sets for x in ("--set", s)]], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (run / "tensorboard").exists():
+        time.sleep(0.1)
+    time.sleep(2.0)  # some steps
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert b"signal 15 received" in err
+    _, meta = read_training_checkpoint(run / "checkpoints" / "last.safetensors")
+    assert int(meta["step"]) > 0 and f"stopped at step {meta['step']} ".encode() in err
