@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench import http, memory, slider, throughput, training
+from bench import memory, photo_http, slider, throughput, train_step
 
 
 def main() -> None:
@@ -23,13 +23,14 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     q = args.quick
     parts = [
         f"# Benchmarks\n\nWritten by `python bench/run_all.py` on {datetime.date.today()}.\n",
         slider.run(args.weights, 30 if q else 200),
-        http.run(args.weights, 3 if q else 10, 1 if q else 3),
+        photo_http.run(args.weights, 3 if q else 10, 1 if q else 3),
         throughput.run(args.weights, 3.0 if q else 10.0, None),
-        training.run(2 if q else 6, 16),
+        train_step.run(2 if q else 6, 16),
         memory.run(args.weights, 20 if q else 200),
     ]
     args.out.write_text("\n".join(parts))

@@ -30,6 +30,7 @@ from server.faces import (
     compose,
     crop_footprint,
     paste_region,
+    regions_box,
     tint_overlay,
 )
 from server.imaging import ImageError, b64_png, decode_upload, encode_png
@@ -387,6 +388,7 @@ class EditService:
             if not any(edits.values()):
                 delta = torch.zeros_like(delta)
             deltas.append(delta)
+        box = None
         if aligned:
             image, full_mask = self._compose_aligned(state.photo, deltas, mask)
         else:
@@ -396,7 +398,8 @@ class EditService:
                 if region is not None:
                     regions.append(region)
             image, full_mask = compose(state.photo, regions)
-        overlay = tint_overlay(image, full_mask) if want_overlay else image
+            box = regions_box(regions) or (0, 0, 0, 0)
+        overlay = tint_overlay(image, full_mask, box=box) if want_overlay else image
         timer.lap("compose")
         face_out = []
         for k, i in enumerate(selected):

@@ -172,41 +172,83 @@ def crop_footprint(alignment: Alignment, photo_shape: tuple[int, ...]) -> tuple[
     return x0, y0, x1, y1
 
 
+def _region_theta(alignment: Alignment, x0: int, y0: int, w: int, h: int) -> torch.Tensor:
+    """``affine_grid`` theta: normalised region coordinates -> normalised crop coordinates."""
+    s = alignment.size
+    region_to_photo = np.array([[w / 2, 0, x0 + w / 2 - 0.5], [0, h / 2, y0 + h / 2 - 0.5], [0, 0, 1]])
+    crop_to_norm = np.array([[2 / s, 0, 1 / s - 1], [0, 2 / s, 1 / s - 1], [0, 0, 1]])
+    theta = crop_to_norm @ alignment.matrix @ region_to_photo
+    return torch.from_numpy(theta[:2]).float().unsqueeze(0)
+
+
 def paste_region(
     photo_shape: tuple[int, ...], alignment: Alignment, delta: torch.Tensor, mask: torch.Tensor
 ) -> PasteRegion | None:
-    """Bring a crop-space change (3, S, S in [-2, 2]) and mask (S, S) back to the photo's pixels."""
+    """Bring a crop-space change (3, S, S in [-2, 2]) and mask (S, S) back to the photo's pixels.
+
+    The change is feathered towards the crop border in crop space, then sampled bilinearly at every
+    photo pixel of the crop's footprint (one ``affine_grid`` + ``grid_sample``: the warp is a
+    similarity), so a large photo costs one pass over the footprint.
+    """
     s = alignment.size
     x0, y0, x1, y1 = crop_footprint(alignment, photo_shape)
     if x1 <= x0 or y1 <= y0:
         return None
-    photo_coords = _pixel_grid(y1 - y0, x1 - x0, offset=(x0, y0))
-    crop_coords = _apply(alignment.matrix, photo_coords)
-    window = feather_window(crop_coords, s).float()
-    stacked = torch.cat([delta.float(), mask.float().unsqueeze(0)], 0).unsqueeze(0)
-    sampled = _sample(stacked, crop_coords.float())[0]
-    return PasteRegion(y0, y1, x0, x1, sampled[:3] * window * 127.5, sampled[3].clamp(0, 1) * window)
+    window = feather_window(_pixel_grid(s, s).float(), s)
+    stacked = torch.cat([delta.float() * 127.5, mask.float().clamp(0, 1).unsqueeze(0)], 0) * window
+    grid = F.affine_grid(_region_theta(alignment, x0, y0, x1 - x0, y1 - y0), [1, 4, y1 - y0, x1 - x0], False)
+    sampled = F.grid_sample(stacked.unsqueeze(0), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return PasteRegion(y0, y1, x0, x1, sampled[0, :3], sampled[0, 3])
+
+
+def regions_box(regions: list[PasteRegion]) -> tuple[int, int, int, int] | None:
+    """(y0, y1, x0, x1): the smallest box holding every region, or None."""
+    if not regions:
+        return None
+    return (
+        min(r.y0 for r in regions),
+        max(r.y1 for r in regions),
+        min(r.x0 for r in regions),
+        max(r.x1 for r in regions),
+    )
 
 
 def compose(photo: np.ndarray, regions: list[PasteRegion]) -> tuple[np.ndarray, np.ndarray]:
     """Add each region's change to the photo; also return the combined mask (H, W) in [0, 1].
 
-    Pixels that no region touches keep their exact values.
+    Only the box holding the regions is computed; pixels that no region touches keep their exact values.
     """
-    out = torch.from_numpy(photo).permute(2, 0, 1).float()
-    mask = torch.zeros(photo.shape[:2])
+    edited = photo.copy()
+    mask = np.zeros(photo.shape[:2], np.float32)
+    box = regions_box(regions)
+    if box is None:
+        return edited, mask
+    by0, by1, bx0, bx1 = box
+    out = torch.from_numpy(np.ascontiguousarray(photo[by0:by1, bx0:bx1])).permute(2, 0, 1).float()
+    box_mask = torch.from_numpy(mask[by0:by1, bx0:bx1])  # a view: writes land in ``mask``
     for r in regions:
-        out[:, r.y0 : r.y1, r.x0 : r.x1] += r.delta
-        mask[r.y0 : r.y1, r.x0 : r.x1] = torch.maximum(mask[r.y0 : r.y1, r.x0 : r.x1], r.mask)
-    edited = out.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-    return edited, mask.numpy()
+        ys, xs = slice(r.y0 - by0, r.y1 - by0), slice(r.x0 - bx0, r.x1 - bx0)
+        out[:, ys, xs] += r.delta
+        torch.maximum(box_mask[ys, xs], r.mask, out=box_mask[ys, xs])
+    edited[by0:by1, bx0:bx1] = out.round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    return edited, mask
 
 
 def tint_overlay(
-    image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int] = (255, 40, 90), alpha: float = 0.6
+    image: np.ndarray,
+    mask: np.ndarray,
+    colour: tuple[int, int, int] = (255, 40, 90),
+    alpha: float = 0.6,
+    box: tuple[int, int, int, int] | None = None,
 ) -> np.ndarray:
-    """The image with ``mask`` (H, W in [0, 1]) tinted over it."""
-    a = (alpha * mask)[..., None]
-    return (
-        (image.astype(np.float32) * (1 - a) + np.asarray(colour, np.float32) * a).round().clip(0, 255).astype(np.uint8)
-    )
+    """The image with ``mask`` (H, W in [0, 1]) tinted over it.
+
+    ``box`` (y0, y1, x0, x1), when given, must hold every nonzero mask pixel; only it is computed.
+    """
+    y0, y1, x0, x1 = box if box is not None else (0, image.shape[0], 0, image.shape[1])
+    out = image.copy()
+    a = torch.from_numpy(np.ascontiguousarray(mask[y0:y1, x0:x1])).mul(alpha).unsqueeze(-1)
+    part = torch.from_numpy(np.ascontiguousarray(image[y0:y1, x0:x1])).float()
+    tinted = part.mul_(1 - a).add_(torch.tensor(colour, dtype=torch.float32) * a)
+    out[y0:y1, x0:x1] = tinted.round_().clamp_(0, 255).to(torch.uint8).numpy()
+    return out

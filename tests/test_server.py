@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -94,14 +93,13 @@ def test_second_request_on_the_same_photo_is_a_cache_hit(weights: Path) -> None:
     app = create_app(Settings(weights_dir=weights, cache_size=4))
     with TestClient(app) as c:
         data = _photo_bytes("portrait-3.jpg")
-        t0 = time.perf_counter()
         first = _post(c, data, edits='{"Male": 1}').json()
-        t1 = time.perf_counter()
         second = _post(c, data, edits='{"Male": -1, "Young": 0.3}').json()
-        t2 = time.perf_counter()
         assert not first["cache_hit"] and second["cache_hit"]
-        assert "detect" in first["timings_ms"] and "detect" not in second["timings_ms"]
-        assert t2 - t1 < t1 - t0
+        # faster because the slow stages are skipped, not measured here (wall-clock asserts are flaky);
+        # bench/photo_http.py measures first vs repeat
+        cold_stages = {"decode_image", "detect", "align", "classify"}
+        assert cold_stages <= set(first["timings_ms"]) and not cold_stages & set(second["timings_ms"])
         assert first["image"] != second["image"]
         stats = c.get("/v1/models").json()["cache"]
         assert stats["hits"] == 1 and stats["misses"] == 1

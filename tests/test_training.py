@@ -160,6 +160,8 @@ def test_classifier_evaluate_and_export(prepared_cache: Path, tmp_path: Path) ->
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_images"] == 6
     assert 0 < metrics["psnr"] < 100 and -1 <= metrics["ssim"] <= 1
+    # the mask blend b*x_edit + (1-b)*x can only move the output towards the input
+    assert 0 < metrics["psnr_raw"] <= metrics["psnr"] + 0.1 and metrics["ssim_raw"] <= 1
     for table in ("edit_success", "preservation", "mask_mean"):
         assert set(metrics[table]) == set(STGAN_ATTRIBUTES)
         assert all(0.0 <= v <= 1.0 for v in metrics[table].values())

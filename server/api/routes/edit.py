@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import time
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Header, Request, UploadFile
@@ -94,13 +95,18 @@ async def edit(
         not want_png,
     )
     if want_png:
-        return Response(result.png(), media_type="image/png")
+        return Response(await run_in_threadpool(result.png), media_type="image/png")
+    t0 = time.perf_counter()
+    image_b64, overlay_b64 = await run_in_threadpool(
+        lambda: (b64_image(result.image, image_format), b64_image(result.overlay, image_format))
+    )
+    timings = result.timings_ms | {"encode_response": round((time.perf_counter() - t0) * 1000, 2)}
     return EditResponse(
         model=result.model,
-        image=b64_image(result.image, image_format),
-        overlay=b64_image(result.overlay, image_format),
+        image=image_b64,
+        overlay=overlay_b64,
         image_format=image_format,
         faces=[FaceResult(**f) for f in result.faces],
-        timings_ms=result.timings_ms,
+        timings_ms=timings,
         cache_hit=result.cache_hit,
     )

@@ -4,7 +4,7 @@ MU-GAN configs, fp32 vs bf16 autocast, and achieved FLOP/s against a measured bf
 FLOPs of a step are counted by ``torch.utils.flop_counter`` (convolutions and matmuls, forward and
 backward); the peak is the best of a large bf16 matmul and a large bf16 3x3 convolution measured in
 the same process. Synthetic 128-px faces in a temp dir stand in for the dataset (speed does not
-depend on pixel content). Run: ``python bench/training.py [--steps 6]``.
+depend on pixel content). Run: ``python bench/train_step.py [--steps 6]``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Per photo: the first request (cold: decode, detect, align, encode) and repeats on the same photo with
 other slider values (cache hit), p50 / p95 of the total and of each stage the server reports.
-Run: ``python bench/http.py [--weights weights] [--repeats 10]``.
+Run: ``python bench/photo_http.py [--weights weights] [--repeats 10]``.
 """
 
 from __future__ import annotations
@@ -20,16 +20,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import PHOTOS, machine, summary, table
 from tests.server_utils import live_server
 
-STAGES = ("decode_image", "detect", "align", "classify", "encode", "decode", "compose", "crops_png")
+STAGES = ("decode_image", "detect", "align", "classify", "encode", "decode", "compose", "crops_png", "encode_response")
 
 
-def edit(client: httpx.Client, url: str, data: bytes, value: float, png_only: bool) -> tuple[float, dict]:
+def edit(
+    client: httpx.Client, url: str, data: bytes, value: float, png_only: bool, image_format: str = "png"
+) -> tuple[float, dict]:
     headers = {"Accept": "image/png"} if png_only else {}
     t0 = time.perf_counter()
     resp = client.post(
         url + "/v1/edit",
         files={"image": ("p.jpg", data, "image/jpeg")},
-        data={"edits": json.dumps({"Blond_Hair": value}), "faces": "all"},
+        data={"edits": json.dumps({"Blond_Hair": value}), "faces": "all", "image_format": image_format},
         headers=headers,
     )
     total = (time.perf_counter() - t0) * 1000
@@ -52,10 +54,12 @@ def run(weights: Path, repeats: int, cold_runs: int) -> str:
                 total, stages = edit(client, url, data + b"\x00", (i % 10) / 10, png_only=False)
                 warm.append(total)
                 warm_stages.append(stages)
+            jpeg = [edit(client, url, data + b"\x00", (i % 10) / 10, False, "jpeg") for i in range(repeats)]
             png_only = [edit(client, url, data + b"\x00", 0.3, png_only=True)[0] for _ in range(repeats)]
             for label, totals, stages in (
                 ("first request", cold, cold_stages),
                 ("repeat (cache hit)", warm, warm_stages),
+                ("repeat, JPEG previews (as the UI)", [t for t, _ in jpeg], [st for _, st in jpeg]),
             ):
                 p50, p95 = summary(totals)
                 per_stage = ", ".join(
