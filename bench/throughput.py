@@ -1,5 +1,7 @@
-"""Benchmark 3 — throughput: aligned edits per second with 1, 4 and 16 concurrent clients,
-with micro-batching of concurrent decoder calls (up to 8, wait <= 5 ms) and without.
+"""Benchmark 3 — throughput: aligned edits per second with 1, 4 and 16 concurrent clients.
+
+Three server set-ups: the default (one compute thread, see server/compute.py), four compute threads
+without micro-batching, and four with micro-batching of their decoder calls (up to 8, wait <= 5 ms).
 
 Each client edits its own aligned 128-px crop with changing slider values (features cached after its
 first request, as while dragging a slider). Run: ``python bench/throughput.py [--seconds 10]``.
@@ -62,15 +64,20 @@ async def measure(url: str, clients: int, seconds: float) -> tuple[float, float]
 
 def run(weights: Path, seconds: float, model: str | None) -> str:
     rows = []
-    for batching in (False, True):
-        env = {"max_concurrent": "16", "max_queue": "64", "micro_batch": "8" if batching else "1"}
+    setups = {
+        "1 compute thread (default)": {"compute_workers": "1"},
+        "4 compute threads, no micro-batching": {"compute_workers": "4", "micro_batch": "1"},
+        "4 compute threads, micro-batching ≤8, ≤5 ms": {"compute_workers": "4", "micro_batch": "8"},
+    }
+    for label, setup in setups.items():
+        env = {"max_concurrent": "16", "max_queue": "64"} | setup
         if model:
             env["default_model"] = model
         with live_server(weights, **env) as (url, _):
             for clients in (1, 4, 16):
                 rate, p50 = asyncio.run(measure(url, clients, seconds))
-                rows.append(["on (≤8, ≤5 ms)" if batching else "off", clients, rate, p50])
-    header = ["micro-batching", "clients", "edits/s", "p50 latency ms"]
+                rows.append([label, clients, rate, p50])
+    header = ["server", "clients", "edits/s", "p50 latency ms"]
     title = f"### Throughput: aligned 128-px edits, PNG response ({model or 'default model'})"
     return f"{title}\n\n{machine()}\n\n" + table(header, rows) + "\n"
 

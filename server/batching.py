@@ -2,8 +2,8 @@
 
 A request hands its (encoded faces, condition) to the model's batcher and waits; a worker thread
 takes what is queued, waits at most ``max_wait_ms`` for more (up to ``max_batch`` faces), runs one
-decode and hands each caller its rows. With one caller at a time it adds no wait: the worker starts
-as soon as the queue is empty.
+decode and hands each caller its rows. A lone caller pays at most ``max_wait_ms``. It only has calls
+to merge when several compute threads run edits at once (``compute_workers`` > 1, e.g. on a GPU).
 """
 
 from __future__ import annotations

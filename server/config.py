@@ -30,7 +30,14 @@ class Settings(BaseSettings):
     max_concurrent: int = Field(2, description="edits computed at the same time")
     max_queue: int = Field(16, description="edits waiting beyond max_concurrent; more get 503 + Retry-After")
     queue_timeout_s: float = Field(30.0, description="an edit waiting longer than this gets 503")
-    micro_batch: int = Field(8, description="max faces merged into one decoder pass (1: no micro-batching)")
+    compute_workers: int = Field(
+        1,
+        description="threads running torch work; keep 1 on a CPU (more threads than cores make every op "
+        "slower, see server/compute.py), raise it on a GPU so micro-batching has calls to merge",
+    )
+    micro_batch: int = Field(
+        8, description="max faces merged into one decoder pass (1: off; needs compute_workers > 1 to merge)"
+    )
     micro_batch_wait_ms: float = Field(5.0, description="how long a decoder call waits for others to join it")
     cache_size: int = Field(16, description="photos whose decoded pixels and encoder features are kept (LRU)")
     cpu_threads: int = Field(0, description="torch intra-op threads (0: torch's default)")

@@ -22,6 +22,7 @@ import torch
 
 from models.attributes import condition_vector, exclusive_groups_for
 from models.generators import Encoded
+from server.compute import ComputePool
 from server.faces import (
     Alignment,
     Face,
@@ -228,8 +229,10 @@ class EditService:
         max_faces: int,
         cache_size: int,
         admission: Admission | None = None,
+        compute: ComputePool | None = None,
     ) -> None:
         self._registry = registry
+        self.compute = compute
         self._detector = detector
         self.max_pixels, self.max_faces = max_pixels, max_faces
         self.cache = FeatureCache(cache_size)
@@ -327,8 +330,11 @@ class EditService:
         want_overlay: bool = True,
         want_crops: bool = True,
     ) -> EditResult:
+        args = (data, edits_json, model_name, faces, aligned, content_type, want_overlay, want_crops)
         with self.admission:
-            return self._edit(data, edits_json, model_name, faces, aligned, content_type, want_overlay, want_crops)
+            if self.compute is None:
+                return self._edit(*args)
+            return self.compute.run(self._edit, *args)
 
     def _edit(
         self,

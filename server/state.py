@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from server.compute import ComputePool
 from server.config import Settings
 from server.editor import Admission, EditService
 from server.faces import FaceDetector
@@ -24,12 +25,14 @@ class AppState:
     _detector: FaceDetector | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     service: EditService = field(init=False)
+    compute: ComputePool = field(init=False)
 
     def __post_init__(self) -> None:
         s = self.settings
         admission = Admission(s.max_concurrent, s.max_queue, s.queue_timeout_s)
+        self.compute = ComputePool(s.compute_workers)
         self.service = EditService(
-            lambda: self.registry, self.detector, s.max_pixels, s.max_faces, s.cache_size, admission
+            lambda: self.registry, self.detector, s.max_pixels, s.max_faces, s.cache_size, admission, self.compute
         )
 
     def detector(self) -> FaceDetector:
@@ -41,13 +44,17 @@ class AppState:
     def load_models(self) -> ModelRegistry:
         """Load weights/ into a new registry and swap it in whole; in-flight requests keep the old one."""
         s = self.settings
-        new = ModelRegistry.load(
+        # with one compute thread there are never two decoder calls to merge, and a batcher thread
+        # would be a second OpenMP team (see server/compute.py)
+        micro_batch = s.micro_batch if s.compute_workers > 1 else 1
+        new = self.compute.run(
+            ModelRegistry.load,
             s.weights_dir,
             self.device,
             s.default_model,
             s.precision,
             s.bf16_tolerance,
-            s.micro_batch,
+            micro_batch,
             s.micro_batch_wait_ms,
         )
         old, self.registry = self.registry, new
