@@ -161,15 +161,38 @@ class PasteRegion:
     mask: torch.Tensor  # (h, w) in [0, 1], feathered
 
 
-def crop_footprint(alignment: Alignment, photo_shape: tuple[int, ...]) -> tuple[int, int, int, int]:
-    """(x0, y0, x1, y1): the photo pixels a pasted crop can touch (clipped to the photo)."""
+def crop_footprint(
+    alignment: Alignment, photo_shape: tuple[int, ...], crop_box: tuple[float, float, float, float] | None = None
+) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1): the photo pixels a pasted crop can touch (clipped to the photo).
+
+    ``crop_box`` (x0, y0, x1, y1 in crop pixels) limits it to a part of the crop; the whole crop by default.
+    """
     h, w = photo_shape[:2]
     s = alignment.size
-    corners = np.array([[0, 0, 1], [s, 0, 1], [0, s, 1], [s, s, 1]], dtype=np.float64).T
+    cx0, cy0, cx1, cy1 = crop_box if crop_box is not None else (0, 0, s, s)
+    corners = np.array([[cx0, cy0, 1], [cx1, cy0, 1], [cx0, cy1, 1], [cx1, cy1, 1]], dtype=np.float64).T
     pts = (alignment.inverse @ corners)[:2]
     x0, y0 = max(math.floor(pts[0].min()) - 1, 0), max(math.floor(pts[1].min()) - 1, 0)
     x1, y1 = min(math.ceil(pts[0].max()) + 2, w), min(math.ceil(pts[1].max()) + 2, h)
     return x0, y0, x1, y1
+
+
+def _active_crop_box(stacked: torch.Tensor) -> tuple[float, float, float, float] | None:
+    """Crop-space box outside which pasting changes no photo pixel (None: nothing changes).
+
+    ``stacked`` is (4, S, S): the change in uint8 units and the mask, both feathered. A photo pixel is
+    a bilinear mix of 4 crop pixels, so where all of them change it by less than 0.5 it rounds back to
+    itself, and where the mask is below 0.5/255 no tint reaches a visible level either.
+    """
+    active = (stacked[:3].abs().amax(0) >= 0.5) | (stacked[3] >= 0.5 / 255)
+    rows, cols = active.any(1).nonzero(), active.any(0).nonzero()
+    if len(rows) == 0:
+        return None
+    # pixel centres sit at integer coordinates: keep one pixel of neighbours on each side, within the crop
+    s = stacked.shape[-1]
+    x0, y0 = max(float(cols[0]) - 1.5, 0.0), max(float(rows[0]) - 1.5, 0.0)
+    return x0, y0, min(float(cols[-1]) + 2.5, float(s)), min(float(rows[-1]) + 2.5, float(s))
 
 
 def _region_theta(alignment: Alignment, x0: int, y0: int, w: int, h: int) -> torch.Tensor:
@@ -182,20 +205,28 @@ def _region_theta(alignment: Alignment, x0: int, y0: int, w: int, h: int) -> tor
 
 
 def paste_region(
-    photo_shape: tuple[int, ...], alignment: Alignment, delta: torch.Tensor, mask: torch.Tensor
+    photo_shape: tuple[int, ...],
+    alignment: Alignment,
+    delta: torch.Tensor,
+    mask: torch.Tensor,
+    restrict: bool = True,
 ) -> PasteRegion | None:
     """Bring a crop-space change (3, S, S in [-2, 2]) and mask (S, S) back to the photo's pixels.
 
     The change is feathered towards the crop border in crop space, then sampled bilinearly at every
     photo pixel of the crop's footprint (one ``affine_grid`` + ``grid_sample``: the warp is a
-    similarity), so a large photo costs one pass over the footprint.
+    similarity), so a large photo costs one pass over the footprint — only over the part where the
+    change or the mask can alter a pixel (``restrict=False``: the whole footprint, same result).
     """
     s = alignment.size
-    x0, y0, x1, y1 = crop_footprint(alignment, photo_shape)
-    if x1 <= x0 or y1 <= y0:
-        return None
     window = feather_window(_pixel_grid(s, s).float(), s)
     stacked = torch.cat([delta.float() * 127.5, mask.float().clamp(0, 1).unsqueeze(0)], 0) * window
+    crop_box = _active_crop_box(stacked) if restrict else (0.0, 0.0, float(s), float(s))
+    if crop_box is None:
+        return None
+    x0, y0, x1, y1 = crop_footprint(alignment, photo_shape, crop_box)
+    if x1 <= x0 or y1 <= y0:
+        return None
     grid = F.affine_grid(_region_theta(alignment, x0, y0, x1 - x0, y1 - y0), [1, 4, y1 - y0, x1 - x0], False)
     sampled = F.grid_sample(stacked.unsqueeze(0), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return PasteRegion(y0, y1, x0, x1, sampled[0, :3], sampled[0, 3])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -93,3 +94,14 @@ def b64_image(arr: np.ndarray, image_format: str) -> str:
     """Base64 PNG (lossless, fast compression) or JPEG (smaller, for live previews)."""
     data = encode_jpeg(arr) if image_format == "jpeg" else encode_png(arr)
     return base64.b64encode(data).decode("ascii")
+
+
+_ENCODERS = ThreadPoolExecutor(2, thread_name_prefix="image-encode")
+
+
+def b64_images(arrays: list[np.ndarray], image_format: str) -> list[str]:
+    """:func:`b64_image` of several images at once: zlib and libjpeg release the GIL, so the edited
+    photo and its overlay are encoded on two cores (a 2048-px PNG takes ~200 ms on one)."""
+    if len(arrays) < 2:
+        return [b64_image(a, image_format) for a in arrays]
+    return list(_ENCODERS.map(lambda a: b64_image(a, image_format), arrays))

@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 
 from server.api.deps import ServiceDep, SettingsDep
 from server.editor import EditError
-from server.imaging import b64_image
+from server.imaging import b64_images
 
 router = APIRouter(prefix="/v1", tags=["edit"])
 
@@ -97,9 +97,7 @@ async def edit(
     if want_png:
         return Response(await run_in_threadpool(result.png), media_type="image/png")
     t0 = time.perf_counter()
-    image_b64, overlay_b64 = await run_in_threadpool(
-        lambda: (b64_image(result.image, image_format), b64_image(result.overlay, image_format))
-    )
+    image_b64, overlay_b64 = await run_in_threadpool(b64_images, [result.image, result.overlay], image_format)
     timings = result.timings_ms | {"encode_response": round((time.perf_counter() - t0) * 1000, 2)}
     return EditResponse(
         model=result.model,

@@ -1,0 +1,64 @@
+"""Paste-back: the crop-to-photo warp lands where the alignment says, and restricting the work to the
+part of the crop that changes anything gives exactly the same photo and overlay."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from server.faces import Alignment, compose, paste_region, similarity_transform, tint_overlay
+
+SIZE = 64
+
+
+def _alignment() -> Alignment:
+    # a rotated, scaled face: crop landmarks of a template mapped from photo points
+    src = np.array([[310.0, 220.0], [400.0, 250.0], [345.0, 300.0], [300.0, 340.0], [380.0, 365.0]])
+    dst = np.array([[0.38, 0.48], [0.63, 0.48], [0.50, 0.63], [0.39, 0.74], [0.61, 0.74]]) * SIZE
+    return Alignment(similarity_transform(src, dst), SIZE)
+
+
+def _photo() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, size=(600, 700, 3), dtype=np.uint8)
+
+
+def test_pasted_change_lands_at_the_aligned_position() -> None:
+    alignment = _alignment()
+    yy, xx = torch.meshgrid(torch.arange(SIZE).float(), torch.arange(SIZE).float(), indexing="ij")
+    delta = torch.stack([xx / SIZE, yy / SIZE, torch.zeros_like(xx)]) * 0.5  # a ramp in crop space
+    region = paste_region((600, 700, 3), alignment, delta, torch.ones(SIZE, SIZE))
+    assert region is not None
+    for cx, cy in ((32.0, 32.0), (25.0, 40.0), (40.0, 20.0)):  # well inside the feathered border
+        px, py, _ = np.linalg.inv(alignment.matrix) @ np.array([cx, cy, 1.0])
+        ix, iy = round(px), round(py)
+        # the crop position of the photo pixel actually sampled
+        qx, qy, _ = alignment.matrix @ np.array([ix, iy, 1.0])
+        got = region.delta[:, iy - region.y0, ix - region.x0]
+        want = torch.tensor([qx / SIZE, qy / SIZE, 0.0]) * 0.5 * 127.5
+        torch.testing.assert_close(got, want.float(), atol=0.05, rtol=0)
+
+
+def test_restricting_to_the_changed_part_gives_the_same_photo_and_overlay() -> None:
+    alignment, photo = _alignment(), _photo()
+    delta = torch.zeros(3, SIZE, SIZE)
+    delta[:, 20:30, 35:45] = 0.3  # a localised edit (glasses-sized)
+    mask = torch.zeros(SIZE, SIZE)
+    mask[18:32, 33:47] = 0.8
+    mask[40, 10] = 0.001  # below what any tint can show
+    full = paste_region(photo.shape, alignment, delta, mask, restrict=False)
+    part = paste_region(photo.shape, alignment, delta, mask)
+    assert full is not None and part is not None
+    assert (part.y1 - part.y0) * (part.x1 - part.x0) < 0.25 * (full.y1 - full.y0) * (full.x1 - full.x0)
+    image_full, mask_full = compose(photo, [full])
+    image_part, mask_part = compose(photo, [part])
+    # equal up to float32 rounding of the sampling grid (a pixel exactly at .5 may round either way)
+    diff = np.abs(image_part.astype(int) - image_full.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-4
+    assert (image_part != photo).any()
+    tinted = np.abs(tint_overlay(image_part, mask_part).astype(int) - tint_overlay(image_full, mask_full).astype(int))
+    assert tinted.max() <= 1 and (tinted > 0).mean() < 1e-4
+
+
+def test_nothing_to_paste_when_nothing_changes() -> None:
+    assert paste_region((600, 700, 3), _alignment(), torch.zeros(3, SIZE, SIZE), torch.zeros(SIZE, SIZE)) is None
