@@ -51,10 +51,10 @@ def main() -> None:
         )
         if args.mask:
             page.check("#show-mask")
-            page.fill("#mask-opacity", "45")
+            page.fill("#mask-opacity", "100")
             page.dispatch_event("#mask-opacity", "input")
         page.wait_for_timeout(300)
-        page.screenshot(path=str(args.out), full_page=False)
+        page.screenshot(path=str(args.out), full_page=True)
         browser.close()
     log.info("wrote %s", args.out)
 

@@ -49,6 +49,9 @@ def run(weights: Path, repeats: int, cold_runs: int) -> str:
                 total, stages = edit(client, url, data + bytes([k]) * (k + 1), 0.5, png_only=False)
                 cold.append(total)
                 cold_stages.append(stages)
+            cold_jpeg = [
+                edit(client, url, data + bytes([100 + k]) * (k + 1), 0.5, False, "jpeg") for k in range(cold_runs)
+            ]
             warm, warm_stages = [], []
             for i in range(repeats):
                 total, stages = edit(client, url, data + b"\x00", (i % 10) / 10, png_only=False)
@@ -58,6 +61,7 @@ def run(weights: Path, repeats: int, cold_runs: int) -> str:
             png_only = [edit(client, url, data + b"\x00", 0.3, png_only=True)[0] for _ in range(repeats)]
             for label, totals, stages in (
                 ("first request", cold, cold_stages),
+                ("first request, JPEG previews (as the UI)", [t for t, _ in cold_jpeg], [st for _, st in cold_jpeg]),
                 ("repeat (cache hit)", warm, warm_stages),
                 ("repeat, JPEG previews (as the UI)", [t for t, _ in jpeg], [st for _, st in jpeg]),
             ):

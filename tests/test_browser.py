@@ -55,13 +55,16 @@ def test_upload_slide_mask_download(page, server_url: str, tmp_path: Path) -> No
     page.wait_for_function("() => (document.getElementById('after').dataset.requestId || '') === '1'")
     page.wait_for_function("() => state.faces.length === 1 && !state.inflight")
     first_src = page.get_attribute("#after", "src")
+    first_closeup = page.get_attribute("#closeups img.edited", "src")
     assert "now" in page.inner_text("#value-Blond_Hair")
+    assert page.locator("#closeups figure").count() == 1
 
     # move a slider with the keyboard; the preview must change without a page reload
     page.focus("#slider-Blond_Hair")
     page.keyboard.press("End")
     page.wait_for_function("() => Number(document.getElementById('after').dataset.requestId) >= 2 && !state.inflight")
     assert page.get_attribute("#after", "src") != first_src
+    assert page.get_attribute("#closeups img.edited", "src") != first_closeup  # the close-up follows the slider
     assert page.input_value("#slider-Blond_Hair") == "1"
     page.screenshot(path=str(ARTIFACTS / "editor-edited.png"), full_page=True)
 
@@ -120,6 +123,7 @@ def test_group_photo_face_picker(page, server_url: str) -> None:  # type: ignore
     page.set_input_files("#file", str(PHOTOS / "group-six-faces.jpg"))
     page.wait_for_function("() => state.faces.length === 6 && !state.inflight")
     assert page.locator("#boxes rect").count() == 6
+    assert page.locator("#closeups figure").count() == 6
     assert page.locator("#faces input[type=radio]").count() == 7
     page.check("#faces input[value='2']")
     page.wait_for_function("() => state.face === 2 && !state.inflight")

@@ -214,8 +214,29 @@ function applyResult(body, id) {
     renderFaces();
   }
   renderAllSliderValues();
+  renderCloseups(body.faces);
   const total = Object.values(body.timings_ms).reduce((a, b) => a + b, 0);
   $("status").textContent = `${body.faces.length} face(s) · ${body.model} · ${total.toFixed(0)} ms${body.cache_hit ? " (cached features)" : ""}`;
+}
+
+function renderCloseups(faces) {
+  // each edited face as the model saw it: aligned crop, edited crop, and the mask of where it changed
+  const box = $("closeups");
+  box.innerHTML = "";
+  for (const f of faces.slice(0, 8)) {
+    const figure = document.createElement("figure");
+    for (const [key, alt] of [["aligned", "before"], ["edited", "after"], ["mask", "mask"]]) {
+      const img = document.createElement("img");
+      img.src = `data:image/png;base64,${f[key]}`;
+      img.alt = `Face ${f.index + 1}, ${alt}`;
+      img.className = key;
+      figure.appendChild(img);
+    }
+    const caption = document.createElement("figcaption");
+    caption.textContent = `Face ${f.index + 1}: before · after · mask`;
+    figure.appendChild(caption);
+    box.appendChild(figure);
+  }
 }
 
 function renderFaces() {
