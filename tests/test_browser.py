@@ -68,7 +68,12 @@ def test_upload_slide_mask_download(page, server_url: str, tmp_path: Path) -> No
     assert page.input_value("#slider-Blond_Hair") == "1"
     page.screenshot(path=str(ARTIFACTS / "editor-edited.png"), full_page=True)
 
+    assert page.get_attribute("#overlay", "data-request-id") is None  # previews skip the hidden overlay
     page.check("#show-mask")
+    page.wait_for_function(
+        "() => !state.inflight && document.getElementById('overlay').dataset.requestId"
+        " === document.getElementById('after').dataset.requestId"
+    )
     assert page.is_visible("#overlay")
     page.fill("#mask-opacity", "40")
     page.dispatch_event("#mask-opacity", "input")

@@ -228,3 +228,11 @@ def test_jpeg_previews_and_bad_format(client: TestClient) -> None:
     assert _decode_b64(body["overlay"]).format == "JPEG"
     resp = _post(client, _photo_bytes("portrait-2.jpg"), edits="{}", image_format="gif")
     assert resp.status_code == 422 and "image_format" in resp.json()["detail"]
+
+
+def test_overlay_false_skips_only_the_overlay(client: TestClient) -> None:
+    data = _photo_bytes("portrait-2.jpg")
+    with_overlay = _post(client, data, edits='{"Bangs": 0.7}').json()
+    without = _post(client, data, edits='{"Bangs": 0.7}', overlay="false").json()
+    assert without["overlay"] == "" and with_overlay["overlay"] != ""
+    assert without["image"] == with_overlay["image"] and without["faces"] == with_overlay["faces"]

@@ -149,7 +149,8 @@ async function requestEdit() {
   setBusy(true);
   const id = ++state.requestId;
   try {
-    const body = await postEdit("jpeg");  // previews: JPEG is smaller and faster to encode
+    // previews: JPEG is smaller and faster to encode; the overlay only while it is shown
+    const body = await postEdit("jpeg", $("show-mask").checked);
     showError("");
     applyResult(body, id);
   } catch (err) {
@@ -161,7 +162,7 @@ async function requestEdit() {
   }
 }
 
-function editForm(imageFormat) {
+function editForm(imageFormat, overlay) {
   const edits = Object.fromEntries(Object.entries(state.values).filter(([, v]) => v !== 0));
   const form = new FormData();
   form.append("image", state.file, state.file.name || "photo");
@@ -169,11 +170,12 @@ function editForm(imageFormat) {
   form.append("model", state.model);
   form.append("faces", state.face === "all" ? "all" : String(state.face));
   form.append("image_format", imageFormat);
+  form.append("overlay", overlay ? "true" : "false");
   return form;
 }
 
-async function postEdit(imageFormat) {
-  const resp = await fetch("/v1/edit", { method: "POST", body: editForm(imageFormat) });
+async function postEdit(imageFormat, overlay = true) {
+  const resp = await fetch("/v1/edit", { method: "POST", body: editForm(imageFormat, overlay) });
   const body = await resp.json();
   if (!resp.ok) throw new Error(body.detail || `HTTP ${resp.status}`);
   return body;
@@ -183,7 +185,7 @@ async function download(which) {
   // full-resolution, lossless: the same edit again as PNG (features are cached on the server)
   setBusy(true);
   try {
-    const body = await postEdit("png");
+    const body = await postEdit("png", which === "overlay");
     const bytes = Uint8Array.from(atob(body[which]), (ch) => ch.charCodeAt(0));
     const url = URL.createObjectURL(new Blob([bytes], { type: "image/png" }));
     const a = document.createElement("a");
@@ -203,8 +205,10 @@ async function download(which) {
 function applyResult(body, id) {
   const mime = body.image_format === "jpeg" ? "image/jpeg" : "image/png";
   $("after").src = `data:${mime};base64,${body.image}`;
-  $("overlay").src = `data:${mime};base64,${body.overlay}`;
-  $("overlay").dataset.requestId = String(id);
+  if (body.overlay) {
+    $("overlay").src = `data:${mime};base64,${body.overlay}`;
+    $("overlay").dataset.requestId = String(id);
+  }
   $("after").dataset.requestId = String(id);
   $("download").setAttribute("aria-disabled", "false");
   $("download-overlay").setAttribute("aria-disabled", "false");
@@ -305,6 +309,8 @@ function setupViewControls() {
   $("show-mask").addEventListener("change", (e) => {
     $("overlay").hidden = !e.target.checked;
     $("mask-opacity").disabled = !e.target.checked;
+    // previews carry the overlay only while it is shown: fetch it for the current edit
+    if (e.target.checked && $("overlay").dataset.requestId !== $("after").dataset.requestId) scheduleEdit(0);
   });
   $("mask-opacity").addEventListener("input", (e) => {
     $("overlay").style.opacity = String(e.target.value / 100);

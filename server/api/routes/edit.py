@@ -30,7 +30,10 @@ class FaceResult(BaseModel):
 class EditResponse(BaseModel):
     model: str = Field(description="the model that made the edit")
     image: str = Field(description="base64 PNG (or JPEG, see image_format) of the edited photo, same size as the input")
-    overlay: str = Field(description="base64 image: the edited photo with the attention mask tinted over the faces")
+    overlay: str = Field(
+        description="base64 image: the edited photo with the attention mask tinted over the faces "
+        "(empty when the request said overlay=false)"
+    )
     image_format: str = Field(description="png or jpeg: how image and overlay are encoded")
     faces: list[FaceResult]
     timings_ms: dict[str, float] = Field(description="milliseconds per stage")
@@ -77,6 +80,9 @@ async def edit(
         Literal["png", "jpeg"],
         Form(description="encoding of `image` and `overlay` in the JSON: png (lossless) or jpeg (smaller previews)"),
     ] = "png",
+    overlay: Annotated[
+        bool, Form(description="also return the mask overlay (false: `overlay` is empty, the edit is faster)")
+    ] = True,
     accept: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> Any:
     data = await image.read(settings.max_upload_bytes + 1)
@@ -91,13 +97,15 @@ async def edit(
         faces,
         aligned,
         image.content_type,
-        not want_png,
+        overlay and not want_png,
         not want_png,
     )
     if want_png:
         return Response(await run_in_threadpool(result.png), media_type="image/png")
     t0 = time.perf_counter()
-    image_b64, overlay_b64 = await run_in_threadpool(b64_images, [result.image, result.overlay], image_format)
+    images = [result.image, result.overlay] if overlay else [result.image]
+    encoded = await run_in_threadpool(b64_images, images, image_format)
+    image_b64, overlay_b64 = encoded[0], (encoded[1] if overlay else "")
     timings = result.timings_ms | {"encode_response": round((time.perf_counter() - t0) * 1000, 2)}
     return EditResponse(
         model=result.model,
