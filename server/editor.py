@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -46,6 +47,9 @@ class EditError(Exception):
     def __init__(self, status: int, detail: str, retry_after: int | None = None) -> None:
         super().__init__(detail)
         self.status, self.detail, self.retry_after = status, detail, retry_after
+
+
+PHOTO_ID = re.compile(r"[0-9a-f]{64}")
 
 
 class Admission:
@@ -204,6 +208,7 @@ class EditResult:
     faces: list[dict[str, Any]]
     timings_ms: dict[str, float]
     cache_hit: bool
+    photo_id: str = ""
 
     def png(self) -> bytes:
         return encode_png(self.image)
@@ -321,7 +326,7 @@ class EditService:
     # ------------------------------------------------------------------ the edit
     def edit(
         self,
-        data: bytes,
+        data: bytes | None,
         edits_json: str | None,
         model_name: str | None = None,
         faces: str | None = "all",
@@ -329,8 +334,12 @@ class EditService:
         content_type: str | None = None,
         want_overlay: bool = True,
         want_crops: bool = True,
+        photo_id: str | None = None,
     ) -> EditResult:
-        args = (data, edits_json, model_name, faces, aligned, content_type, want_overlay, want_crops)
+        """Edit the photo ``data``, or the cached photo ``photo_id`` (returned by an earlier edit)."""
+        if data is None and (photo_id is None or not PHOTO_ID.fullmatch(photo_id)):
+            raise EditError(422, "send the photo as `image`, or the `photo_id` (64 hex digits) of an earlier edit")
+        args = (data, edits_json, model_name, faces, aligned, content_type, want_overlay, want_crops, photo_id)
         with self.admission:
             if self.compute is None:
                 return self._edit(*args)
@@ -338,7 +347,7 @@ class EditService:
 
     def _edit(
         self,
-        data: bytes,
+        data: bytes | None,
         edits_json: str | None,
         model_name: str | None,
         faces: str | None,
@@ -346,14 +355,19 @@ class EditService:
         content_type: str | None,
         want_overlay: bool,
         want_crops: bool,
+        photo_id: str | None,
     ) -> EditResult:
         timer = Timer()
         model = self.resolve_model(model_name)
         edits = parse_edits(edits_json, model.info.attributes)
-        key = (hashlib.sha256(data).hexdigest(), model.name, id(model.net), aligned)
+        if data is not None:
+            photo_id = hashlib.sha256(data).hexdigest()
+        key = (photo_id, model.name, id(model.net), aligned)
         state = self.cache.get(key)
         cache_hit = state is not None
         if state is None:
+            if data is None:
+                raise EditError(404, "this photo_id is not (or no longer) cached for this model: send the image again")
             try:
                 state = self._analyse(data, content_type, model, aligned, timer)
             except ImageError as exc:
@@ -428,7 +442,7 @@ class EditService:
                 item["mask"] = b64_png((mask[k, 0].clamp(0, 1) * 255).round().to(torch.uint8).numpy())
             face_out.append(item)
         timer.lap("crops_png")
-        return EditResult(model.name, image, overlay, face_out, timer.ms, cache_hit)
+        return EditResult(model.name, image, overlay, face_out, timer.ms, cache_hit, photo_id or "")
 
     @staticmethod
     def _compose_aligned(

@@ -59,9 +59,14 @@ def test_upload_slide_mask_download(page, server_url: str, tmp_path: Path) -> No
     assert "now" in page.inner_text("#value-Blond_Hair")
     assert page.locator("#closeups figure").count() == 1
 
-    # move a slider with the keyboard; the preview must change without a page reload
+    # move a slider with the keyboard; the preview must change without a page reload, and the
+    # request names the cached photo instead of uploading it again
+    assert page.evaluate("() => state.photoId") and len(page.evaluate("() => state.photoId")) == 64
     page.focus("#slider-Blond_Hair")
-    page.keyboard.press("End")
+    with page.expect_request(lambda r: r.url.endswith("/v1/edit") and r.method == "POST") as request_info:
+        page.keyboard.press("End")
+    body = request_info.value.post_data_buffer or b""
+    assert b'name="photo_id"' in body and len(body) < 4096
     page.wait_for_function("() => Number(document.getElementById('after').dataset.requestId) >= 2 && !state.inflight")
     assert page.get_attribute("#after", "src") != first_src
     assert page.get_attribute("#closeups img.edited", "src") != first_closeup  # the close-up follows the slider

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 from collections.abc import Iterator
@@ -236,3 +237,24 @@ def test_overlay_false_skips_only_the_overlay(client: TestClient) -> None:
     without = _post(client, data, edits='{"Bangs": 0.7}', overlay="false").json()
     assert without["overlay"] == "" and with_overlay["overlay"] != ""
     assert without["image"] == with_overlay["image"] and without["faces"] == with_overlay["faces"]
+
+
+def test_photo_id_edits_the_cached_photo_without_re_uploading(weights: Path) -> None:
+    app = create_app(Settings(weights_dir=weights, cache_size=1))
+    with TestClient(app) as c:
+        data = _photo_bytes("portrait-2.jpg")
+        first = _post(c, data, edits='{"Male": 1}').json()
+        assert first["photo_id"] == hashlib.sha256(data).hexdigest()
+        by_id = c.post("/v1/edit", data={"photo_id": first["photo_id"], "edits": '{"Male": 1}'})
+        assert by_id.status_code == 200 and by_id.json()["cache_hit"]
+        assert by_id.json()["image"] == first["image"]  # same photo, same edit, same pixels
+        other = c.post("/v1/edit", data={"photo_id": first["photo_id"], "edits": '{"Male": -1}'}).json()
+        assert other["image"] != first["image"]
+        # another photo pushes it out of the one-photo cache: the client must send the image again
+        _post(c, _photo_bytes("portrait-3.jpg"), edits="{}")
+        gone = c.post("/v1/edit", data={"photo_id": first["photo_id"], "edits": "{}"})
+        assert gone.status_code == 404 and "send the image again" in gone.json()["detail"]
+        bad = c.post("/v1/edit", data={"photo_id": "../etc/passwd", "edits": "{}"})
+        assert bad.status_code == 422 and "photo_id" in bad.json()["detail"]
+        png = c.post("/v1/edit", files={"image": ("p.jpg", data, "image/jpeg")}, headers={"Accept": "image/png"})
+        assert png.headers["x-photo-id"] == first["photo_id"]

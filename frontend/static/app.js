@@ -13,6 +13,8 @@ const state = {
   pending: false,
   debounce: null,
   requestId: 0,
+  photoId: null, // the server's id of the uploaded photo: later edits send it instead of the file
+  photoModel: null, // the model photoId was cached for
 };
 
 function currentModel() {
@@ -165,7 +167,8 @@ async function requestEdit() {
 function editForm(imageFormat, overlay) {
   const edits = Object.fromEntries(Object.entries(state.values).filter(([, v]) => v !== 0));
   const form = new FormData();
-  form.append("image", state.file, state.file.name || "photo");
+  if (state.photoId && state.photoModel === state.model) form.append("photo_id", state.photoId);
+  else form.append("image", state.file, state.file.name || "photo");
   form.append("edits", JSON.stringify(edits));
   form.append("model", state.model);
   form.append("faces", state.face === "all" ? "all" : String(state.face));
@@ -175,9 +178,20 @@ function editForm(imageFormat, overlay) {
 }
 
 async function postEdit(imageFormat, overlay = true) {
-  const resp = await fetch("/v1/edit", { method: "POST", body: editForm(imageFormat, overlay) });
+  const file = state.file;
+  let resp = await fetch("/v1/edit", { method: "POST", body: editForm(imageFormat, overlay) });
+  if (resp.status === 404 && state.photoId) {
+    // the server no longer caches the photo: upload it again
+    state.photoId = null;
+    resp = await fetch("/v1/edit", { method: "POST", body: editForm(imageFormat, overlay) });
+  }
   const body = await resp.json();
   if (!resp.ok) throw new Error(body.detail || `HTTP ${resp.status}`);
+  if (state.file === file) {
+    // a response for a photo the user has since replaced must not name the new one
+    state.photoId = body.photo_id;
+    state.photoModel = body.model;
+  }
   return body;
 }
 
@@ -290,6 +304,7 @@ function loadFile(file) {
   }
   showError("");
   state.file = file;
+  state.photoId = null;
   state.faces = [];
   state.face = "all";
   const url = URL.createObjectURL(file);

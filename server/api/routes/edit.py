@@ -38,6 +38,7 @@ class EditResponse(BaseModel):
     faces: list[FaceResult]
     timings_ms: dict[str, float] = Field(description="milliseconds per stage")
     cache_hit: bool = Field(description="true when detection, alignment and encoder came from the cache")
+    photo_id: str = Field(description="send it as `photo_id` instead of the image for further edits of this photo")
 
 
 class ErrorResponse(BaseModel):
@@ -49,6 +50,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     for code, text in {
         413: "upload or image larger than the limits",
         415: "not a JPEG, PNG or WebP image",
+        404: "photo_id no longer cached: send the image again",
         422: "undecodable image, no face, bad edits, unknown model or face index",
         503: "no model loaded, or the service is saturated (see Retry-After)",
     }.items()
@@ -66,7 +68,9 @@ async def edit(
     request: Request,
     service: ServiceDep,
     settings: SettingsDep,
-    image: Annotated[UploadFile, File(description="the photo: JPEG, PNG or WebP")],
+    image: Annotated[
+        UploadFile | None, File(description="the photo: JPEG, PNG or WebP (or send `photo_id` instead)")
+    ] = None,
     edits: Annotated[
         str | None,
         Form(description='JSON object {"Attribute_Name": value}, value in [-1, 1]: + adds, - removes, 0 keeps'),
@@ -83,11 +87,20 @@ async def edit(
     overlay: Annotated[
         bool, Form(description="also return the mask overlay (false: `overlay` is empty, the edit is faster)")
     ] = True,
+    photo_id: Annotated[
+        str | None,
+        Form(
+            description="instead of `image`: the `photo_id` of an earlier edit, while the server still caches it "
+            "(404 when it no longer does: send the image again). Saves re-uploading the photo on every slider move."
+        ),
+    ] = None,
     accept: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> Any:
-    data = await image.read(settings.max_upload_bytes + 1)
-    if len(data) > settings.max_upload_bytes:
-        raise EditError(413, f"upload larger than {settings.max_upload_bytes} bytes")
+    data = None
+    if image is not None:
+        data = await image.read(settings.max_upload_bytes + 1)
+        if len(data) > settings.max_upload_bytes:
+            raise EditError(413, f"upload larger than {settings.max_upload_bytes} bytes")
     want_png = accept is not None and "image/png" in accept and "application/json" not in accept
     result = await run_in_threadpool(
         service.edit,
@@ -96,12 +109,14 @@ async def edit(
         model,
         faces,
         aligned,
-        image.content_type,
+        image.content_type if image is not None else None,
         overlay and not want_png,
         not want_png,
+        photo_id,
     )
     if want_png:
-        return Response(await run_in_threadpool(result.png), media_type="image/png")
+        png = await run_in_threadpool(result.png)
+        return Response(png, media_type="image/png", headers={"X-Photo-Id": result.photo_id})
     t0 = time.perf_counter()
     images = [result.image, result.overlay] if overlay else [result.image]
     encoded = await run_in_threadpool(b64_images, images, image_format)
@@ -115,4 +130,5 @@ async def edit(
         faces=[FaceResult(**f) for f in result.faces],
         timings_ms=timings,
         cache_hit=result.cache_hit,
+        photo_id=result.photo_id,
     )
