@@ -41,3 +41,12 @@ def test_dockerfile_runs_uvicorn_as_non_root_with_pinned_torch() -> None:
     # every package the app imports is copied into the image
     for pkg in ("models", "server", "frontend", "training"):
         assert f"COPY {pkg} ./{pkg}" in text
+
+
+def test_every_compose_setting_is_a_settings_field() -> None:
+    from server.config import Settings
+
+    for name, service in _compose()["services"].items():
+        for key in service["environment"]:
+            assert key.startswith("FACE_EDITOR_"), (name, key)
+            assert key.removeprefix("FACE_EDITOR_").lower() in Settings.model_fields, f"{name}: {key} is not a setting"
