@@ -35,6 +35,8 @@ def create_app(settings: Settings | None = None, load_models: bool = True) -> Fa
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if load_models:
             state.load_models()
+            if state.registry.generators:
+                state.warm_up()
         yield
 
     app = FastAPI(

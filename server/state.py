@@ -41,6 +41,16 @@ class AppState:
                 self._detector = FaceDetector(self.device, self.settings.detect_max_side, self.settings.min_face_score)
             return self._detector
 
+    def warm_up(self) -> None:
+        """Load MTCNN and run it once, on the compute thread, so the first user does not pay for it."""
+
+        def run() -> None:
+            import numpy as np
+
+            self.detector().detect(np.zeros((96, 96, 3), np.uint8))
+
+        self.compute.run(run)
+
     def load_models(self) -> ModelRegistry:
         """Load weights/ into a new registry and swap it in whole; in-flight requests keep the old one."""
         s = self.settings
