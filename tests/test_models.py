@@ -168,3 +168,19 @@ def test_config_round_trip_and_errors() -> None:
         config_from_dict(EncoderDecoderConfig, data | {"skip": "teleport"})
     with pytest.raises(ValueError, match="Purple_Hair"):
         validate_attributes(["Bald", "Purple_Hair"])
+
+
+def test_self_attention_is_sagan_attention() -> None:
+    torch.manual_seed(0)
+    sa = SelfAttention(16).double()
+    with torch.no_grad():
+        sa.gamma.fill_(0.7)
+    x = torch.randn(2, 16, 5, 6, dtype=torch.float64)
+    # reference: out = gamma * (V softmax(Q^T K)^T) + x, per pixel, as SAGAN writes it
+    q, k, v = (m(x).flatten(2) for m in (sa.query, sa.key, sa.value))  # B, C', N
+    beta = torch.softmax(torch.einsum("bci,bcj->bij", q, k), dim=-1)  # B, N(query), N(key)
+    ref = 0.7 * torch.einsum("bcj,bij->bci", v, beta).reshape(2, 16, 5, 6) + x
+    torch.testing.assert_close(sa(x), ref)
+    with torch.no_grad():
+        sa.gamma.zero_()
+    torch.testing.assert_close(sa(x), x)  # gamma starts at 0: identity
