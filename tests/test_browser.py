@@ -74,6 +74,7 @@ def test_upload_slide_mask_download(page, server_url: str, tmp_path: Path) -> No
     page.screenshot(path=str(ARTIFACTS / "editor-edited.png"), full_page=True)
 
     assert page.get_attribute("#overlay", "data-request-id") is None  # previews skip the hidden overlay
+    assert not page.is_visible("#overlay")
     page.check("#show-mask")
     page.wait_for_function(
         "() => !state.inflight && document.getElementById('overlay').dataset.requestId"
@@ -84,6 +85,8 @@ def test_upload_slide_mask_download(page, server_url: str, tmp_path: Path) -> No
     page.dispatch_event("#mask-opacity", "input")
     assert page.eval_on_selector("#overlay", "el => el.style.opacity") == "0.4"
     page.screenshot(path=str(ARTIFACTS / "editor-mask.png"), full_page=True)
+    page.uncheck("#show-mask")
+    assert not page.is_visible("#overlay")
 
     with page.expect_download() as info:
         page.click("#download")
