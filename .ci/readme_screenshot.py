@@ -3,7 +3,7 @@
 Starts the app on 127.0.0.1 with ``weights/``, opens it in Debian's Chromium (Playwright), uploads a
 photo, moves one slider, turns the mask overlay on and saves ``frontend/screenshot.png``.
 
-Run: ``python .ci/readme_screenshot.py [--photo ../shared/photos/portrait-2.jpg] [--attribute Blond_Hair]``
+Run: ``python .ci/readme_screenshot.py [--photo ../shared/photos/portrait-1.jpg] [--attribute Eyeglasses]``
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ log = logging.getLogger("readme_screenshot")
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--weights", type=Path, default=ROOT / "weights")
-    p.add_argument("--photo", type=Path, default=PHOTOS / "portrait-2.jpg")
+    p.add_argument("--photo", type=Path, default=PHOTOS / "portrait-1.jpg")
     p.add_argument("--model", default="stgan")
-    p.add_argument("--attribute", default="Blond_Hair")
+    p.add_argument("--attribute", default="Eyeglasses")
     p.add_argument("--value", type=float, default=1.0)
     p.add_argument("--mask", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--out", type=Path, default=ROOT / "frontend" / "screenshot.png")
