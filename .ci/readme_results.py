@@ -27,9 +27,9 @@ def _mark(value: float, key: str) -> str:
 
 def generator_rows(weights: Path) -> list[str]:
     rows = [
-        "| model | training | split | PSNR (≥ 30 dB) | SSIM (≥ 0.93) | decoder-only PSNR | edit success (≥ 70%) "
-        "| preservation (≥ 90%) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | training | split | PSNR (≥ 30 dB) | SSIM (≥ 0.93) | decoder-only PSNR | edit gain "
+        "| edit success (≥ 70%) | preservation (≥ 90%) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for config_path in sorted(weights.glob("*/config.json")):
         cfg = json.loads(config_path.read_text())
@@ -46,10 +46,15 @@ def generator_rows(weights: Path) -> list[str]:
             f" ({t.get('threads', t.get('train_config', {}).get('threads', '?'))} thread)"
         )
         raw = f"{m['psnr_raw']:.2f} dB" if "psnr_raw" in m else "—"
+        gain = f"×{m.get('edit_gain', 1.0):g}"
+        unit = [r for r in metrics.get("calibration", {}).get("rows", []) if r["edit_gain"] == 1.0]
+        at_one = ""
+        if unit and m.get("edit_gain", 1.0) != 1.0:
+            at_one = f" (at ×1: {unit[0]['mean_edit_success']:.1%} / {unit[0]['mean_preservation']:.1%} on val)"
         rows.append(
             f"| [{cfg['name']}](weights/{config_path.parent.name}/card.md) ({cfg['architecture']}) | {training} "
             f"| {split} ({m['n_images']}) | {m['psnr']:.2f} dB {_mark(m['psnr'], 'psnr')} "
-            f"| {m['ssim']:.3f} {_mark(m['ssim'], 'ssim')} | {raw} "
+            f"| {m['ssim']:.3f} {_mark(m['ssim'], 'ssim')} | {raw} | {gain}{at_one} "
             f"| {m['mean_edit_success']:.1%} {_mark(m['mean_edit_success'], 'mean_edit_success')} "
             f"| {m['mean_preservation']:.1%} {_mark(m['mean_preservation'], 'mean_preservation')} |"
         )
@@ -85,8 +90,8 @@ def main() -> None:
             "",
             classifier_line(weights),
             "",
-            "Sample grids (test faces; every attribute flipped, each edit above its mask), written by "
-            "`python -m training export` (or `python -m training grid`):",
+            "Sample grids (test faces; every attribute flipped at the model's edit gain, each edit above its "
+            "mask), written by `python -m training export` / `calibrate` (or `python -m training grid`):",
             "",
             *[
                 f"**{p.parent.name}**\n\n![{p.parent.name} samples]({p.relative_to(ROOT).as_posix()})\n"

@@ -8,6 +8,11 @@ Labels are binary (0/1). A generator is conditioned on either
 :func:`condition_vector` turns (source labels, requested difference) into what a model expects, so
 callers (training, evaluation, server) only ever deal with differences: a zero difference always
 means "reconstruct", whatever the model's conditioning.
+
+An **edit gain** g scales how far a requested difference moves the conditioning, as STGAN's
+``test_int`` does at test time: the models train on flips of ±1 and their edits at ±1 are timid,
+so a released model carries the gain (calibrated on the val split) that maps the API's
+difference of ±1 to a confident edit. Training always uses g = 1.
 """
 
 from __future__ import annotations
@@ -108,14 +113,20 @@ def exclusive_groups_for(names: Sequence[str]) -> list[list[int]]:
     return groups
 
 
-def condition_vector(c_src: torch.Tensor, c_diff: torch.Tensor, mode: str) -> torch.Tensor:
+def condition_vector(c_src: torch.Tensor, c_diff: torch.Tensor, mode: str, gain: float = 1.0) -> torch.Tensor:
     """What a generator is fed, from source labels in [0, 1] and a requested difference in [-1, 1].
 
-    ``diff`` models see the difference itself. ``target`` models see the target coded in [-1, 1]:
-    ``2 * clamp(c_src + c_diff, 0, 1) - 1``; a zero difference gives back the source coding.
+    ``diff`` models see the difference itself, times ``gain``. ``target`` models see the target coded
+    in [-1, 1], ``t = 2 * clamp(c_src + c_diff, 0, 1) - 1``, moved away from the source coding
+    ``s = 2 * c_src - 1`` by ``gain``: ``s + gain * (t - s)``. A zero difference gives back the
+    source coding (reconstruction) whatever the gain.
     """
     if mode == "diff":
-        return c_diff
+        return c_diff * gain if gain != 1.0 else c_diff
     if mode == "target":
-        return 2.0 * (c_src + c_diff).clamp(0.0, 1.0) - 1.0
+        c_trg = 2.0 * (c_src + c_diff).clamp(0.0, 1.0) - 1.0
+        if gain == 1.0:
+            return c_trg
+        c_base = 2.0 * c_src - 1.0
+        return c_base + gain * (c_trg - c_base)
     raise ValueError(f"unknown conditioning mode {mode!r}; expected one of {CONDITIONING_MODES}")

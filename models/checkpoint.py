@@ -43,6 +43,7 @@ class ModelInfo:
     conditioning: str | None = None
     mask_head: bool = False
     alignment_template: dict[str, Any] | None = None
+    edit_gain: float = 1.0
     metrics: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -93,6 +94,7 @@ def save_pretrained(
     architecture: str,
     name: str | None = None,
     alignment_template: dict[str, Any] | None = None,
+    edit_gain: float = 1.0,
     metrics: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
@@ -114,6 +116,7 @@ def save_pretrained(
         "conditioning": getattr(cfg, "conditioning", None),
         "mask_head": bool(getattr(cfg, "mask_head", False)),
         "alignment_template": alignment_template,
+        "edit_gain": check_edit_gain(edit_gain, folder / CONFIG_FILE),
         "metrics": metrics or {},
         "training": training or {},
         "extra": extra or {},
@@ -123,6 +126,13 @@ def save_pretrained(
     if card is not None:
         atomic_write_bytes(folder / CARD_FILE, card.encode())
     return folder
+
+
+def check_edit_gain(value: Any, where: Path) -> float:
+    """The edit gain (see :mod:`models.attributes`) as a float in (0, 10], or a clear error."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 10:
+        raise CheckpointError(f"{where}: 'edit_gain' must be a number in (0, 10], got {value!r}")
+    return float(value)
 
 
 def read_config(folder: str | Path) -> dict[str, Any]:
@@ -195,6 +205,7 @@ def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> t
         conditioning=doc.get("conditioning"),
         mask_head=bool(doc.get("mask_head", False)),
         alignment_template=doc.get("alignment_template"),
+        edit_gain=check_edit_gain(doc.get("edit_gain", 1.0), folder / CONFIG_FILE),
         metrics=doc.get("metrics") or {},
         training=doc.get("training") or {},
         extra=doc.get("extra") or {},

@@ -387,7 +387,7 @@ class EditService:
                 [difference_vector(edits, model.info.attributes, state.faces[i].c_src) for i in selected]
             )
             mode = model.info.conditioning or "diff"
-            out, mask = model.decode_batched(encoded, condition_vector(c_src, diffs, mode))
+            out, mask = model.decode_batched(encoded, condition_vector(c_src, diffs, mode, model.info.edit_gain))
             if not model.info.mask_head:
                 missing = [i for i in selected if state.faces[i].reconstruction is None]
                 if missing:

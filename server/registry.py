@@ -73,6 +73,7 @@ class ServedGenerator:
             "image_size": self.info.image_size,
             "conditioning": self.info.conditioning,
             "learned_mask": self.info.mask_head,
+            "edit_gain": self.info.edit_gain,
             "default": self.name == default,
             "precision": self.precision,
             "micro_batching": None if self.batcher is None else self.batcher.stats(),

@@ -81,6 +81,24 @@ def test_unexpected_tensor_and_bad_field_are_refused(tmp_path: Path) -> None:
         load_pretrained(folder)
 
 
+def test_edit_gain_round_trips_and_bad_gains_are_refused(tmp_path: Path) -> None:
+    folder, model = _saved(tmp_path)
+    _, info = load_pretrained(folder)
+    assert info.edit_gain == 1.0  # the default, also for folders written before the field existed
+    arch, _ = get_preset("stgan-tiny")
+    save_pretrained(folder, model, architecture=arch, edit_gain=2.25)
+    assert load_pretrained(folder)[1].edit_gain == 2.25
+    doc = json.loads((folder / "config.json").read_text())
+    for bad in (0, -1.0, 11, "2", True, None):
+        doc["edit_gain"] = bad
+        (folder / "config.json").write_text(json.dumps(doc))
+        with pytest.raises(CheckpointError, match="edit_gain"):
+            load_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps(doc).replace('"edit_gain": null', '"edit_gain": NaN'))
+    with pytest.raises(CheckpointError, match="edit_gain"):
+        load_pretrained(folder)
+
+
 def test_truncated_weights_and_bad_json_are_refused(tmp_path: Path) -> None:
     folder, _ = _saved(tmp_path)
     data = (folder / "model.safetensors").read_bytes()

@@ -134,6 +134,17 @@ def test_zero_difference_means_reconstruct_for_both_conditionings() -> None:
         condition_vector(c_src, zero, "nonsense")
 
 
+def test_edit_gain_scales_the_edit_and_keeps_zero_as_reconstruct() -> None:
+    c_src = torch.tensor([[1.0, 0.0, 0.0]])
+    c_diff = torch.tensor([[-1.0, 0.5, 0.0]])
+    assert torch.equal(condition_vector(c_src, c_diff, "diff", gain=2.0), torch.tensor([[-2.0, 1.0, 0.0]]))
+    # target coding: source (1, -1, -1), target (-1, 0, -1); gain 2 doubles the move away from the source
+    assert torch.equal(condition_vector(c_src, c_diff, "target", gain=2.0), torch.tensor([[-3.0, 1.0, -1.0]]))
+    zero = torch.zeros_like(c_src)
+    for mode in ("diff", "target"):
+        assert torch.equal(condition_vector(c_src, zero, mode, gain=2.5), condition_vector(c_src, zero, mode))
+
+
 def test_encoded_select_and_cat_round_trip() -> None:
     arch, cfg = get_preset("mugan-tiny")
     gen = build(arch, cfg).eval()

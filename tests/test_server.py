@@ -258,3 +258,26 @@ def test_photo_id_edits_the_cached_photo_without_re_uploading(weights: Path) -> 
         assert bad.status_code == 422 and "photo_id" in bad.json()["detail"]
         png = c.post("/v1/edit", files={"image": ("p.jpg", data, "image/jpeg")}, headers={"Accept": "image/png"})
         assert png.headers["x-photo-id"] == first["photo_id"]
+
+
+def test_edit_gain_scales_what_a_slider_asks_for(tmp_path: Path) -> None:
+    import shutil
+
+    root = make_weights(tmp_path / "w", generators=("stgan-tiny",))
+    shutil.copytree(root / "stgan", root / "strong")
+    doc = json.loads((root / "strong" / "config.json").read_text())
+    doc["name"], doc["edit_gain"] = "strong", 2.0
+    (root / "strong" / "config.json").write_text(json.dumps(doc))
+    crop = _png(np.asarray(Image.open(PHOTOS / "portrait-2.jpg").convert("RGB").resize((32, 32))))
+    with TestClient(create_app(Settings(weights_dir=root, default_model="stgan"))) as c:
+        gains = {m["name"]: m["edit_gain"] for m in c.get("/v1/models").json()["models"]}
+        assert gains == {"stgan": 1.0, "strong": 2.0}
+
+        def edited(model: str, value: float) -> np.ndarray:
+            resp = _post(c, crop, mime="image/png", edits=json.dumps({"Bangs": value}), aligned="true", model=model)
+            assert resp.status_code == 200, resp.text
+            return np.asarray(_decode_b64(resp.json()["image"]))
+
+        # half a slider on the ×2 model is a full slider on the ×1 model; a full one is not
+        assert np.array_equal(edited("strong", 0.5), edited("stgan", 1.0))
+        assert not np.array_equal(edited("strong", 1.0), edited("stgan", 1.0))

@@ -167,7 +167,44 @@ def test_classifier_evaluate_and_export(prepared_cache: Path, tmp_path: Path) ->
         assert all(0.0 <= v <= 1.0 for v in metrics[table].values())
     _, info = load_pretrained(out)
     assert info.metrics["test"]["psnr"] == metrics["psnr"]
+    assert info.metrics["test"]["edit_gain"] == 1.0
     assert "Test split evaluation" in (out / "card.md").read_text()
+
+    # calibrate the edit gain on val: written into config.json, test metrics at another gain dropped
+    cmd = ["calibrate", "--model", str(out), "--cache-dir", str(prepared_cache), "--classifier", str(clf_dir)]
+    cli([*cmd, "--gains", "1,2", "--min-preservation", "0", "--no-amp"])
+    _, info = load_pretrained(out)
+    calibration = info.metrics["calibration"]
+    assert [r["edit_gain"] for r in calibration["rows"]] == [1.0, 2.0]
+    assert info.edit_gain == calibration["chosen"] in (1.0, 2.0)
+    if info.edit_gain != 1.0:
+        assert "test" not in info.metrics
+    card = (out / "card.md").read_text()
+    assert f"edit gain ×{info.edit_gain:g}" in card and "← served" in card
+    # an impossible preservation bound leaves the gain at 1
+    cli([*cmd, "--gains", "2,3", "--min-preservation", "1.01", "--no-amp"])
+    assert load_pretrained(out)[1].edit_gain == 1.0
+    # re-exporting the same checkpoint keeps its calibration
+    doc = json.loads((out / "config.json").read_text())
+    doc["edit_gain"] = 1.5
+    (out / "config.json").write_text(json.dumps(doc))
+    export_run(tmp_path / "run", out, checkpoint="best", cache_dir=prepared_cache)
+    assert load_pretrained(out)[1].edit_gain == 1.5
+
+
+def test_choose_gain_prefers_the_strongest_edit_that_keeps_the_other_attributes() -> None:
+    from training.evaluation import choose_gain
+
+    rows = [
+        {"edit_gain": 1.0, "mean_edit_success": 0.40, "mean_preservation": 0.97},
+        {"edit_gain": 2.0, "mean_edit_success": 0.80, "mean_preservation": 0.93},
+        {"edit_gain": 2.5, "mean_edit_success": 0.80, "mean_preservation": 0.92},
+        {"edit_gain": 3.0, "mean_edit_success": 0.90, "mean_preservation": 0.85},
+    ]
+    assert choose_gain(rows, 0.92) == 2.0  # 3.0 loses too much; 2.5 ties with 2.0 and is stronger
+    assert choose_gain(rows, 0.95) == 1.0
+    assert choose_gain(rows, 0.99) == 1.0  # none qualifies
+    assert choose_gain(rows, 0.80) == 3.0
 
 
 def test_missing_attribute_file_is_named(celeba_folder: Path) -> None:

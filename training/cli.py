@@ -1,4 +1,4 @@
-"""``python -m training <command>``: prepare, train, classifier, evaluate, export, grid."""
+"""``python -m training <command>``: prepare, train, classifier, evaluate, calibrate, export, grid."""
 
 from __future__ import annotations
 
@@ -93,7 +93,18 @@ def cmd_classifier(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from training.evaluate import evaluate_command
 
-    evaluate_command(args.model, args.cache_dir, args.split, args.classifier, args.out, args.limit, args.amp)
+    evaluate_command(
+        args.model, args.cache_dir, args.split, args.classifier, args.out, args.limit, args.amp, gain=args.gain
+    )
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from training.evaluate import calibrate_command
+
+    gains = [float(g) for g in args.gains.split(",")]
+    calibrate_command(
+        args.model, args.cache_dir, args.split, args.classifier, args.limit, gains, args.min_preservation, args.amp
+    )
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -164,7 +175,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="folder for metrics.json and metrics.md (default: next to the model)")
     s.add_argument("--limit", type=int, help="only the first N images of the split")
     s.add_argument("--no-amp", dest="amp", action="store_false")
+    s.add_argument("--gain", type=float, help="edit gain to evaluate at (default: the model's own)")
     s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser(
+        "calibrate", help="choose a released model's edit gain (slider ±1 → difference ±gain) on the val split"
+    )
+    s.add_argument("--model", required=True, help="weights/<name> folder; its config.json gets the gain")
+    s.add_argument("--cache-dir", default=cache)
+    s.add_argument("--split", default="val", choices=["train", "val"])
+    s.add_argument("--classifier", default="weights/classifier")
+    s.add_argument("--limit", type=int, default=500, help="first N faces of the split")
+    s.add_argument("--gains", default="1,1.25,1.5,1.75,2,2.5", help="comma-separated candidates")
+    s.add_argument("--min-preservation", type=float, default=0.92, help="mean preservation a gain must keep")
+    s.add_argument("--no-amp", dest="amp", action="store_false")
+    s.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("export", help="export a run's checkpoint into weights/<name>")
     s.add_argument("--run", required=True)

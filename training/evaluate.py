@@ -1,4 +1,4 @@
-"""``evaluate`` and ``grid`` commands on a released model folder or a training checkpoint."""
+"""``evaluate``, ``calibrate`` and ``grid`` commands on a released model folder or a training checkpoint."""
 
 from __future__ import annotations
 
@@ -8,57 +8,133 @@ from pathlib import Path
 
 import torch
 
-from models.checkpoint import load_pretrained
+from models.checkpoint import CONFIG_FILE, atomic_write_bytes, load_pretrained, read_config
 from models.generators import AttributeGenerator
 from training.data import CachedFaces
-from training.evaluation import evaluate_generator, markdown_table
-from training.export import update_metrics, write_samples
+from training.evaluation import choose_gain, evaluate_generator, markdown_table
+from training.export import SAMPLES_FILE, update_metrics, write_card, write_samples
 from training.trainer import ema_generator_from_checkpoint, pick_device
 
 log = logging.getLogger(__name__)
 
 
-def load_generator(model: str | Path) -> AttributeGenerator:
+def load_generator(model: str | Path) -> tuple[AttributeGenerator, float]:
+    """The generator (fp32) of a released folder or a training checkpoint, and its edit gain."""
     path = Path(model)
     if path.is_dir():
         gen, info = load_pretrained(path)
         if info.kind != "generator":
             raise SystemExit(f"{path} holds a {info.kind}, not a generator")
-        return gen.float()  # type: ignore[return-value]
+        return gen.float(), info.edit_gain  # type: ignore[return-value]
     _, gen, _ = ema_generator_from_checkpoint(path)
-    return gen
+    return gen, 1.0
+
+
+def _classifier(classifier: str, device: torch.device) -> tuple[torch.nn.Module | None, tuple[str, ...]]:
+    if classifier and (Path(classifier) / CONFIG_FILE).is_file():
+        clf, info = load_pretrained(classifier, device)
+        return clf, info.attributes
+    log.warning("no classifier at %s: only PSNR/SSIM", classifier)
+    return None, ()
 
 
 def evaluate_command(
-    model: str, cache_dir: str, split: str, classifier: str, out: str | None, limit: int | None, amp: bool
+    model: str,
+    cache_dir: str,
+    split: str,
+    classifier: str,
+    out: str | None,
+    limit: int | None,
+    amp: bool,
+    gain: float | None = None,
 ) -> dict:
+    """Evaluate at ``gain`` (default: the model's own edit gain). Only a full test-split run at the
+    model's own gain is recorded in its config.json and card."""
     device = pick_device("auto")
-    gen = load_generator(model).to(device)
+    gen, own_gain = load_generator(model)
+    gen = gen.to(device)
+    gain = own_gain if gain is None else gain
     attributes = tuple(gen.config.attributes)
-    clf, clf_attrs = None, ()
-    if classifier and (Path(classifier) / "config.json").is_file():
-        clf, info = load_pretrained(classifier, device)
-        clf_attrs = info.attributes
-    else:
-        log.warning("no classifier at %s: only PSNR/SSIM", classifier)
+    clf, clf_attrs = _classifier(classifier, device)
     data = CachedFaces(cache_dir, split, attributes, limit=limit)
     x, c = data.get(torch.arange(len(data)))
     metrics = evaluate_generator(
-        gen, x, c, attributes, clf, clf_attrs, batch_size=50, device=device, amp=amp, progress=True
+        gen, x, c, attributes, clf, clf_attrs, batch_size=50, device=device, amp=amp, progress=True, gain=gain
     )
     metrics["split"] = split
     out_dir = Path(out) if out else (Path(model) if Path(model).is_dir() else Path(model).parent)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out_dir / "metrics.md").write_text(markdown_table(metrics))
-    if Path(model).is_dir() and split == "test" and limit is None:
+    if Path(model).is_dir() and split == "test" and limit is None and gain == own_gain:
         update_metrics(model, "test", metrics)
     log.info("\n%s", markdown_table(metrics))
     return metrics
 
 
+def calibrate_command(
+    model: str,
+    cache_dir: str,
+    split: str,
+    classifier: str,
+    limit: int | None,
+    gains: list[float],
+    min_preservation: float,
+    amp: bool,
+    n_samples: int = 6,
+) -> float:
+    """Pick the edit gain of a released model on the val split and write it into its config.json.
+
+    The chosen gain is the one with the highest mean edit success among those whose mean
+    preservation stays at or above ``min_preservation`` (1.0 if none does). Test metrics measured at
+    another gain are dropped (they no longer describe the served model); samples.png and the card
+    are rewritten.
+    """
+    folder = Path(model)
+    if not folder.is_dir():
+        raise SystemExit(f"calibrate needs a released model folder (weights/<name>), not {model}")
+    device = pick_device("auto")
+    gen, _ = load_generator(folder)
+    gen = gen.to(device)
+    attributes = tuple(gen.config.attributes)
+    clf, clf_attrs = _classifier(classifier, device)
+    if clf is None:
+        raise SystemExit("calibrate needs the attribute classifier (--classifier)")
+    data = CachedFaces(cache_dir, split, attributes, limit=limit)
+    x, c = data.get(torch.arange(len(data)))
+    rows = []
+    for g in gains:
+        m = evaluate_generator(gen, x, c, attributes, clf, clf_attrs, batch_size=50, device=device, amp=amp, gain=g)
+        log.info(
+            "gain %.2f: edit success %.1f%%, preservation %.1f%%",
+            g,
+            100 * m["mean_edit_success"],
+            100 * m["mean_preservation"],
+        )
+        rows.append({k: m[k] for k in ("edit_gain", "mean_edit_success", "mean_preservation", "edit_success")})
+    chosen = choose_gain(rows, min_preservation)
+    doc = read_config(folder)
+    doc["edit_gain"] = chosen
+    metrics = doc.setdefault("metrics", {})
+    metrics["calibration"] = {
+        "split": split,
+        "n_images": len(data),
+        "min_preservation": min_preservation,
+        "chosen": chosen,
+        "rows": rows,
+    }
+    if "test" in metrics and metrics["test"].get("edit_gain", 1.0) != chosen:
+        log.info("dropping the test metrics measured at gain %s", metrics["test"].get("edit_gain", 1.0))
+        del metrics["test"]
+    atomic_write_bytes(folder / CONFIG_FILE, (json.dumps(doc, indent=2) + "\n").encode())
+    write_samples(gen.cpu(), cache_dir, folder / SAMPLES_FILE, n_samples, gain=chosen)
+    write_card(folder)
+    log.info("edit gain of %s: %s", folder, chosen)
+    return chosen
+
+
 def grid_command(model: str, cache_dir: str, split: str, out: str, n: int, offset: int) -> None:
-    gen = load_generator(model)
+    gen, gain = load_generator(model)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    write_samples(gen, cache_dir, Path(out), n, split=split, offset=offset)
+    write_samples(gen, cache_dir, Path(out), n, split=split, offset=offset, gain=gain)
     log.info("wrote %s", out)

@@ -13,7 +13,7 @@ import torch
 
 from models.checkpoint import CONFIG_FILE, CheckpointError, atomic_write_bytes, read_config, save_pretrained
 from training.data import CachedFaces, read_meta
-from training.evaluation import markdown_table
+from training.evaluation import calibration_table, markdown_table
 from training.trainer import ema_generator_from_checkpoint
 from training.visualize import edit_grid
 
@@ -68,14 +68,19 @@ def export_run(
     best = json.loads(meta.get("best_metrics") or "{}")
     metrics: dict[str, Any] = {"val": best} if best else {}
     out = Path(out)
-    # Keep test metrics of an earlier evaluation only if they belong to this very checkpoint.
+    # Keep the calibrated edit gain and test metrics of an earlier export only if they belong to
+    # this very checkpoint; a new checkpoint starts at gain 1 until `calibrate` runs.
+    edit_gain = 1.0
     if (out / CONFIG_FILE).is_file():
         try:
             old = read_config(out)
-            if old.get("training", {}).get("steps") == step and "test" in old.get("metrics", {}):
-                metrics["test"] = old["metrics"]["test"]
         except CheckpointError:
-            pass
+            old = {}
+        if old.get("training", {}).get("steps") == step:
+            edit_gain = float(old.get("edit_gain", 1.0))
+            for key in ("calibration", "test"):
+                if key in old.get("metrics", {}):
+                    metrics[key] = old["metrics"][key]
     state_dtype_model = gen.to(dtype) if dtype != torch.float32 else gen
     save_pretrained(
         out,
@@ -83,12 +88,13 @@ def export_run(
         architecture=arch,
         name=name or out.name,
         alignment_template=template,
+        edit_gain=edit_gain,
         metrics=metrics,
         training=training,
     )
     gen.float()
     if cache_dir is not None:
-        write_samples(gen, cache_dir, out / SAMPLES_FILE, n_samples)
+        write_samples(gen, cache_dir, out / SAMPLES_FILE, n_samples, gain=edit_gain)
     write_card(out)
     log.info("exported %s (step %d) to %s", ckpt, step, out)
     if notify:
@@ -97,12 +103,18 @@ def export_run(
 
 
 def write_samples(
-    gen: torch.nn.Module, cache_dir: str | Path, path: Path, n: int, split: str = "test", offset: int = 0
+    gen: torch.nn.Module,
+    cache_dir: str | Path,
+    path: Path,
+    n: int,
+    split: str = "test",
+    offset: int = 0,
+    gain: float = 1.0,
 ) -> None:
     data = CachedFaces(cache_dir, split, tuple(gen.config.attributes), limit=offset + n)
     idx = torch.arange(offset, min(offset + n, len(data)))
     x, c = data.get(idx)
-    edit_grid(gen, x, c, tuple(gen.config.attributes)).save(path)
+    edit_grid(gen, x, c, tuple(gen.config.attributes), gain=gain).save(path)
 
 
 def machine_description() -> str:
@@ -148,8 +160,20 @@ def write_card(folder: str | Path) -> None:
         f"{tr.get('preset')} --run runs/{doc['name']} --resume` with the train config stored in config.json",
         "",
     ]
+    gain = float(doc.get("edit_gain", 1.0))
+    parts += [
+        "## Slider",
+        "",
+        f"A slider at ±1 asks for an attribute difference of ±1, which the model receives multiplied by its "
+        f"**edit gain ×{gain:g}** (STGAN's `test_int` at test time; training always uses ×1).",
+        "",
+    ]
+    if metrics.get("calibration"):
+        parts += [calibration_table(metrics["calibration"]), ""]
+    else:
+        parts += ["Not calibrated yet: `python -m training calibrate --model <folder>` picks it on val.", ""]
     if metrics.get("val"):
-        parts += ["## Validation (at selection)", "", markdown_table(metrics["val"]), ""]
+        parts += ["## Validation (at selection, edit gain ×1)", "", markdown_table(metrics["val"]), ""]
     if "test" in metrics:
         t = metrics["test"]
         parts += [
@@ -173,7 +197,7 @@ def write_card(folder: str | Path) -> None:
         parts += ["Not yet evaluated on the test split.", ""]
     if (folder / SAMPLES_FILE).is_file():
         parts += [
-            "## Samples (test faces; rows: edit, then its mask)",
+            f"## Samples (test faces, edit gain ×{gain:g}; rows: edit, then its mask)",
             "",
             f"![samples]({SAMPLES_FILE})",
             "",

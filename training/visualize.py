@@ -21,8 +21,10 @@ def edit_grid(
     attributes: tuple[str, ...],
     amp: bool = False,
     with_masks: bool = True,
+    gain: float = 1.0,
 ) -> Image.Image:
-    """Columns: input, reconstruction, then each attribute flipped; a mask row under each face."""
+    """Columns: input, reconstruction, then each attribute flipped (difference ±1 times ``gain``);
+    a mask row under each face."""
     was_training = generator.training
     generator.eval()
     mode = generator.config.conditioning
@@ -33,7 +35,7 @@ def edit_grid(
         cols.append(generator.decode(encoded, condition_vector(c_src, torch.zeros_like(c_src), mode)))
         for i in range(len(attributes)):
             c_trg = flip_targets(c_src, i, groups)
-            cols.append(generator.decode(encoded, condition_vector(c_src, c_trg - c_src, mode)))
+            cols.append(generator.decode(encoded, condition_vector(c_src, c_trg - c_src, mode, gain)))
     generator.train(was_training)
     names = ["input", "reconstruction", *[a.replace("_", " ") for a in attributes]]
     size = x.shape[-1]

@@ -72,6 +72,7 @@ function renderModelInfo() {
     ["image size", `${m.image_size} px`],
     ["learned mask", m.learned_mask ? "yes" : "no (change map)"],
     ["precision", m.precision],
+    ["slider ±1 =", `attribute difference ×${m.edit_gain ?? 1}`],
   ];
   const test = (m.metrics || {}).test || (m.metrics || {}).val;
   if (test) {
