@@ -122,10 +122,10 @@ def condition_vector(c_src: torch.Tensor, c_diff: torch.Tensor, mode: str, gain:
     source coding (reconstruction) whatever the gain.
     """
     if mode == "diff":
-        return c_diff * gain if gain != 1.0 else c_diff
+        return c_diff * gain
     if mode == "target":
         c_trg = 2.0 * (c_src + c_diff).clamp(0.0, 1.0) - 1.0
-        if gain == 1.0:
+        if gain == 1.0:  # exactly the training coding (s + (t - s) can differ from t by rounding)
             return c_trg
         c_base = 2.0 * c_src - 1.0
         return c_base + gain * (c_trg - c_base)

@@ -122,7 +122,7 @@ def save_pretrained(
         "extra": extra or {},
     }
     atomic_save_tensors(folder / WEIGHTS_FILE, contiguous_state_dict(model), metadata={"format": "pt"})
-    atomic_write_bytes(folder / CONFIG_FILE, (json.dumps(doc, indent=2) + "\n").encode())
+    write_config(folder, doc)
     if card is not None:
         atomic_write_bytes(folder / CARD_FILE, card.encode())
     return folder
@@ -133,6 +133,11 @@ def check_edit_gain(value: Any, where: Path) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 10:
         raise CheckpointError(f"{where}: 'edit_gain' must be a number in (0, 10], got {value!r}")
     return float(value)
+
+
+def write_config(folder: str | Path, doc: dict[str, Any]) -> None:
+    """Atomically (re)write ``config.json`` of a model folder."""
+    atomic_write_bytes(Path(folder) / CONFIG_FILE, (json.dumps(doc, indent=2) + "\n").encode())
 
 
 def read_config(folder: str | Path) -> dict[str, Any]:

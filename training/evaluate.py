@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from models.checkpoint import CONFIG_FILE, atomic_write_bytes, load_pretrained, read_config
+from models.checkpoint import CONFIG_FILE, load_pretrained, read_config, write_config
 from models.generators import AttributeGenerator
 from training.data import CachedFaces
 from training.evaluation import choose_gain, evaluate_generator, markdown_table
@@ -126,7 +126,7 @@ def calibrate_command(
     if "test" in metrics and metrics["test"].get("edit_gain", 1.0) != chosen:
         log.info("dropping the test metrics measured at gain %s", metrics["test"].get("edit_gain", 1.0))
         del metrics["test"]
-    atomic_write_bytes(folder / CONFIG_FILE, (json.dumps(doc, indent=2) + "\n").encode())
+    write_config(folder, doc)
     write_samples(gen.cpu(), cache_dir, folder / SAMPLES_FILE, n_samples, gain=chosen)
     write_card(folder)
     log.info("edit gain of %s: %s", folder, chosen)

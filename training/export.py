@@ -11,7 +11,14 @@ from typing import Any
 
 import torch
 
-from models.checkpoint import CONFIG_FILE, CheckpointError, atomic_write_bytes, read_config, save_pretrained
+from models.checkpoint import (
+    CONFIG_FILE,
+    CheckpointError,
+    atomic_write_bytes,
+    read_config,
+    save_pretrained,
+    write_config,
+)
 from training.data import CachedFaces, read_meta
 from training.evaluation import calibration_table, markdown_table
 from training.trainer import ema_generator_from_checkpoint
@@ -229,5 +236,5 @@ def update_metrics(folder: str | Path, key: str, metrics: dict) -> None:
     folder = Path(folder)
     doc = read_config(folder)
     doc.setdefault("metrics", {})[key] = metrics
-    atomic_write_bytes(folder / CONFIG_FILE, (json.dumps(doc, indent=2) + "\n").encode())
+    write_config(folder, doc)
     write_card(folder)
