@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from models.attributes import STGAN_ATTRIBUTES
-from models.checkpoint import load_pretrained
+from models.checkpoint import CheckpointError, load_pretrained
 from training.cli import main as cli
 from training.data import DatasetError, prepare_cache, read_index
 from training.options import TrainConfig
@@ -70,6 +70,49 @@ def test_resume_through_the_cli_matches_an_uninterrupted_run(prepared_cache: Pat
     _, g_resumed, _ = ema_generator_from_checkpoint(tmp_path / "halves" / "checkpoints" / "last.safetensors")
     for (name, p), q in zip(straight.G_ema.state_dict().items(), g_resumed.state_dict().values(), strict=True):
         assert torch.equal(p, q), name
+
+
+def test_init_from_warm_starts_a_new_run_with_another_conditioning(prepared_cache: Path, tmp_path: Path) -> None:
+    parent = Trainer(tiny_config(prepared_cache, tmp_path, preset="mugan-tiny"), tmp_path / "parent")
+    parent.fit(max_steps=2)
+    parent_ckpt = parent.checkpoint_path()
+    run = tmp_path / "child"
+    sets = [
+        x
+        for s in [*TINY_SETTINGS, f"cache_dir={prepared_cache}", f"classifier={tmp_path}/none", "eval_gain=2"]
+        for x in ("--set", s)
+    ]
+    override = 'generator_overrides={"conditioning": "diff"}'
+    cli(["train", "--preset", "mugan-tiny", "--run", str(run), "--init-from", str(parent_ckpt), "--max-steps",
+         "1", "--set", override, *sets])  # fmt: skip
+    tensors, meta = read_training_checkpoint(run / "checkpoints" / "last.safetensors")
+    assert meta["step"] == "3"  # the parent's two steps and one more
+    assert int(meta["images_seen"]) == 3 * 4
+    cfg = json.loads(meta["train_config"])
+    assert cfg["init_from"] == str(parent_ckpt)
+    assert cfg["eval_gain"] == 2
+    assert json.loads(meta["generator_config"])["conditioning"] == "diff"
+    # one step away from the parent's weights, not from a fresh initialisation
+    fresh = Trainer(tiny_config(prepared_cache, tmp_path, preset="mugan-tiny"), tmp_path / "fresh")
+    name = next(k for k, v in parent.G.state_dict().items() if v.dim() == 4)
+    child_w, parent_w = tensors[f"G.{name}"], parent.G.state_dict()[name]
+    fresh_w = fresh.G.state_dict()[name]
+    assert (child_w - parent_w).abs().max() < (child_w - fresh_w).abs().max()
+    # the card says where the model came from and what changed from the preset
+    cli(["export", "--run", str(run), "--out", str(tmp_path / "released"), "--checkpoint", "last", "--cache-dir",
+         str(prepared_cache)])  # fmt: skip
+    card = (tmp_path / "released" / "card.md").read_text()
+    assert f"warm-started (`--init-from`) from `{parent_ckpt}`" in card
+    assert "`conditioning=diff`" in card
+    assert "conditioning on the attribute **diff**" in card
+
+
+def test_init_from_refuses_a_checkpoint_of_another_shape(prepared_cache: Path, tmp_path: Path) -> None:
+    parent = Trainer(tiny_config(prepared_cache, tmp_path, preset="mugan-tiny"), tmp_path / "parent")
+    parent.fit(max_steps=1)
+    child = Trainer(tiny_config(prepared_cache, tmp_path, preset="stgan-tiny"), tmp_path / "child")
+    with pytest.raises(CheckpointError, match="does not fit"):
+        child.init_from(parent.checkpoint_path())
 
 
 def test_a_write_killed_before_the_rename_leaves_the_previous_checkpoint(

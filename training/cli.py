@@ -70,6 +70,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.resume and ckpt.is_file():
         trainer.load_checkpoint(ckpt)
         log.info("resumed %s at step %d", ckpt, trainer.step)
+    elif args.init_from:
+        trainer.init_from(args.init_from)
+        log.info("warm-started from %s at step %d", args.init_from, trainer.step)
     n_params = sum(p.numel() for p in trainer.G.parameters())
     log.info("generator %s: %.2fM parameters; torch threads %d", cfg.preset, n_params / 1e6, torch.get_num_threads())
     trainer.fit(max_minutes=args.max_minutes, max_steps=args.max_steps)
@@ -150,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="run folder (checkpoints, samples, tensorboard); under torchrun spell it --run-dir",
     )
     s.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints/last.safetensors if present")
+    s.add_argument(
+        "--init-from",
+        metavar="CHECKPOINT",
+        help="start a new run from another run's networks (a training .safetensors); ignored when resuming",
+    )
     s.add_argument("--max-minutes", type=float, help="stop (and checkpoint) after this much wall time")
     s.add_argument("--max-steps", type=int, help="stop after this many more steps")
     s.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")

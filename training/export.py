@@ -165,8 +165,16 @@ def write_card(folder: str | Path) -> None:
         f"- checkpoint: `{tr.get('checkpoint')}` (selected on the val split)",
         "- reproduce: `python -m training train --preset "
         f"{tr.get('preset')} --run runs/{doc['name']} --resume` with the train config stored in config.json",
-        "",
     ]
+    if tc.get("generator_overrides"):
+        changed = ", ".join(f"`{k}={v}`" for k, v in tc["generator_overrides"].items())
+        parts.append(f"- changed from the `{tr.get('preset')}` preset: {changed}")
+    if tc.get("init_from"):
+        parts.append(
+            f"- warm-started (`--init-from`) from `{tc['init_from']}`; steps, images and wall time above "
+            "include the parent run's training"
+        )
+    parts.append("")
     gain = float(doc.get("edit_gain", 1.0))
     parts += [
         "## Slider",
@@ -180,7 +188,8 @@ def write_card(folder: str | Path) -> None:
     else:
         parts += ["Not calibrated yet: `python -m training calibrate --model <folder>` picks it on val.", ""]
     if metrics.get("val"):
-        parts += ["## Validation (at selection, edit gain ×1)", "", markdown_table(metrics["val"]), ""]
+        val_gain = float(metrics["val"].get("edit_gain", tc.get("eval_gain", 1.0)))
+        parts += [f"## Validation (at selection, edit gain ×{val_gain:g})", "", markdown_table(metrics["val"]), ""]
     if "test" in metrics:
         t = metrics["test"]
         parts += [

@@ -62,6 +62,10 @@ class TrainConfig:
     sample_every: int = 500
     eval_every: int = 1000
     eval_images: int = 500
+    #: Edit gain the val selection measures at (released models are served at a calibrated gain > 1).
+    eval_gain: float = 1.0
+    #: Training checkpoint this run was warm-started from (``train --init-from``); "" for a fresh run.
+    init_from: str = ""
     checkpoint_every_minutes: float = 10.0
     classifier: str = "weights/classifier"
 

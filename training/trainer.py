@@ -317,6 +317,26 @@ class Trainer:
         self.best_score = float(meta["best_score"])
         self.best_metrics = json.loads(meta.get("best_metrics", "{}"))
 
+    def init_from(self, path: str | Path) -> None:
+        """Warm start: the networks of another run's checkpoint, fresh optimisers and selection.
+
+        The step, wall-time and image counters carry on from the parent, so cards report the total
+        training a model has had. The generator config may differ from the parent's where the
+        tensors keep their shapes (e.g. ``conditioning``); anything else fails loudly here.
+        """
+        tensors, meta = read_training_checkpoint(path)
+        for prefix, module in (("G", self.G), ("D", self.D), ("G_ema", self.G_ema)):
+            sub = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+            try:
+                module.load_state_dict(sub)
+            except RuntimeError as exc:
+                raise CheckpointError(f"{path}: its {prefix} does not fit this run's network ({exc})") from None
+        self.step = int(meta["step"])
+        self.elapsed = float(meta["elapsed_seconds"])
+        self.images_seen = int(meta["images_seen"])
+        self.best_score, self.best_metrics = -math.inf, {}
+        self.cfg.init_from = str(path)
+
     # ------------------------------------------------------------------ validation and samples
     def validate(self) -> dict[str, Any]:
         if self.classifier is None:  # it may have been trained since this run started
@@ -332,6 +352,7 @@ class Trainer:
             batch_size=50,
             device=self.device,
             amp=self.cfg.amp,
+            gain=self.cfg.eval_gain,
         )
         metrics["score"] = selection_score(metrics)
         metrics["step"] = self.step
