@@ -291,3 +291,29 @@ def test_cli_reports_dataset_errors_without_a_traceback(tmp_path: Path, caplog: 
         )
     assert exc.value.code == 2
     assert "not a folder" in caplog.text
+
+
+def test_selection_never_trades_the_reconstruction_targets_for_edits() -> None:
+    from training.evaluation import selection_score
+
+    meets = {"psnr": 31.0, "ssim": 0.95, "mean_edit_success": 0.55, "mean_preservation": 0.94}
+    sharper_edits = meets | {"mean_edit_success": 0.70}
+    blurry = sharper_edits | {"psnr": 29.5}
+    smeared = sharper_edits | {"ssim": 0.92}
+    assert selection_score(sharper_edits) > selection_score(meets)
+    assert selection_score(meets) > selection_score(blurry)
+    assert selection_score(meets) > selection_score(smeared)
+    assert selection_score(blurry | {"psnr": 29.9}) > selection_score(blurry)  # still ordered below the gate
+
+
+def test_a_resumed_run_rescores_its_best_checkpoint(prepared_cache: Path, tmp_path: Path) -> None:
+    from training.evaluation import selection_score
+
+    trainer = Trainer(tiny_config(prepared_cache, tmp_path), tmp_path / "run")
+    trainer.fit(max_steps=1)
+    trainer.best_metrics = {"psnr": 29.0, "ssim": 0.95, "mean_edit_success": 0.9, "mean_preservation": 0.95}
+    trainer.best_score = 0.9  # as an older selection rule scored it
+    trainer.save_checkpoint()
+    resumed = Trainer(trainer.cfg, tmp_path / "run")
+    resumed.load_checkpoint(trainer.checkpoint_path())
+    assert resumed.best_score == selection_score(trainer.best_metrics) < 0

@@ -133,12 +133,22 @@ def evaluate_generator(
     return out
 
 
+#: The issue's reconstruction targets; a checkpoint that misses them ranks below every one that meets them.
+RECONSTRUCTION_TARGETS = {"psnr": 30.0, "ssim": 0.93}
+
+
 def selection_score(metrics: dict) -> float:
-    """One number to pick checkpoints on the val split: edit success and preservation first, then PSNR."""
-    psnr_term = min(metrics["psnr"] / 30.0, 1.0)
-    if "mean_edit_success" not in metrics:
-        return psnr_term
-    return 0.5 * metrics["mean_edit_success"] + 0.3 * metrics["mean_preservation"] + 0.2 * psnr_term
+    """One number to pick checkpoints on the val split: edit success and preservation first, then PSNR.
+
+    Missing a reconstruction target (PSNR or SSIM of the served output) costs 1, more than the rest
+    of the score can make up, so selection never trades the reconstruction targets for edits.
+    """
+    psnr_term = min(metrics["psnr"] / RECONSTRUCTION_TARGETS["psnr"], 1.0)
+    misses = any(metrics[k] < v for k, v in RECONSTRUCTION_TARGETS.items())
+    score = psnr_term
+    if "mean_edit_success" in metrics:
+        score = 0.5 * metrics["mean_edit_success"] + 0.3 * metrics["mean_preservation"] + 0.2 * psnr_term
+    return score - 1.0 if misses else score
 
 
 def choose_gain(rows: list[dict], min_preservation: float) -> float:

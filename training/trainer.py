@@ -314,8 +314,9 @@ class Trainer:
         self.step = int(meta["step"])
         self.elapsed = float(meta["elapsed_seconds"])
         self.images_seen = int(meta["images_seen"])
-        self.best_score = float(meta["best_score"])
         self.best_metrics = json.loads(meta.get("best_metrics", "{}"))
+        # re-scored, so a run resumed under a changed selection rule compares like with like
+        self.best_score = selection_score(self.best_metrics) if self.best_metrics else float(meta["best_score"])
 
     def init_from(self, path: str | Path) -> None:
         """Warm start: the networks of another run's checkpoint, fresh optimisers and selection.
