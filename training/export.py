@@ -160,7 +160,11 @@ def write_card(folder: str | Path) -> None:
         f"- steps: {tr.get('steps')} (batch {tr.get('batch_size')}, {tr.get('images_seen')} images seen, "
         f"GAN loss `{tr.get('gan_loss')}`)",
         f"- wall time: {tr.get('wall_hours')} h of training, {tr.get('images_per_s')} images/s "
-        f"({tc.get('threads') or 'default'} torch threads)",
+        f"({tc.get('threads') or 'default'} torch thread(s))",
+        f"- losses: GAN `{tc.get('gan_loss')}` with {tc.get('n_critic')} critic step(s); λ_rec {tc.get('lambda_rec')}, "
+        f"λ_rec-raw {tc.get('lambda_rec_raw')}, λ_G-cls {tc.get('lambda_g_cls')}, λ_D-cls {tc.get('lambda_d_cls')}, "
+        f"λ_mask-L1 {tc.get('lambda_mask_l1')}, λ_mask-TV {tc.get('lambda_mask_tv')}; Adam lr {tc.get('lr_g')} / "
+        f"{tc.get('lr_d')}",
         f"- machine: {tr.get('machine')}",
         f"- checkpoint: `{tr.get('checkpoint')}` (selected on the val split)",
         "- reproduce: `python -m training train --preset "
@@ -172,7 +176,7 @@ def write_card(folder: str | Path) -> None:
     if tc.get("init_from"):
         parts.append(
             f"- warm-started (`--init-from`) from `{tc['init_from']}`; steps, images and wall time above "
-            "include the parent run's training"
+            "include the parent run's training (and its parents', where it was warm-started too)"
         )
     parts.append("")
     gain = float(doc.get("edit_gain", 1.0))
