@@ -34,12 +34,17 @@ def tiny_config(cache: Path, tmp_path: Path, preset: str = "stgan-tiny", **chang
     )
 
 
+def tiny_sets(cache: Path, tmp_path: Path, *extra: str) -> list[str]:
+    """``--set`` arguments of the CLI for the tiny settings (and ``extra`` ones)."""
+    settings = [*TINY_SETTINGS, f"cache_dir={cache}", f"classifier={tmp_path}/none", *extra]
+    return [x for s in settings for x in ("--set", s)]
+
+
 def test_two_step_train_then_resume_continues_bit_exactly(prepared_cache: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    sets = [
-        x for s in [*TINY_SETTINGS, f"cache_dir={prepared_cache}", f"classifier={tmp_path}/none"] for x in ("--set", s)
-    ]
-    cli(["train", "--preset", "stgan-tiny", "--run", str(run), "--max-steps", "2", *sets])
+    cli(
+        ["train", "--preset", "stgan-tiny", "--run", str(run), "--max-steps", "2", *tiny_sets(prepared_cache, tmp_path)]
+    )
     ckpt = run / "checkpoints" / "last.safetensors"
     _, meta = read_training_checkpoint(ckpt)
     assert meta["step"] == "2"
@@ -77,14 +82,10 @@ def test_init_from_warm_starts_a_new_run_with_another_conditioning(prepared_cach
     parent.fit(max_steps=2)
     parent_ckpt = parent.checkpoint_path()
     run = tmp_path / "child"
-    sets = [
-        x
-        for s in [*TINY_SETTINGS, f"cache_dir={prepared_cache}", f"classifier={tmp_path}/none", "eval_gain=2"]
-        for x in ("--set", s)
-    ]
     override = 'generator_overrides={"conditioning": "diff"}'
+    sets = tiny_sets(prepared_cache, tmp_path, "eval_gain=2", override)
     cli(["train", "--preset", "mugan-tiny", "--run", str(run), "--init-from", str(parent_ckpt), "--max-steps",
-         "1", "--set", override, *sets])  # fmt: skip
+         "1", *sets])  # fmt: skip
     tensors, meta = read_training_checkpoint(run / "checkpoints" / "last.safetensors")
     assert meta["step"] == "3"  # the parent's two steps and one more
     assert int(meta["images_seen"]) == 3 * 4

@@ -299,11 +299,23 @@ class Trainer:
         atomic_save_tensors(path, tensors, metadata)
         return path
 
-    def load_checkpoint(self, path: str | Path) -> None:
+    def _load_networks(self, path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """G, D and G_ema from a training checkpoint, and the step/time/image counters; returns its
+        tensors and metadata for the caller's optimiser and selection state."""
         tensors, meta = read_training_checkpoint(path)
         for prefix, module in (("G", self.G), ("D", self.D), ("G_ema", self.G_ema)):
             sub = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-            module.load_state_dict(sub)
+            try:
+                module.load_state_dict(sub)
+            except RuntimeError as exc:
+                raise CheckpointError(f"{path}: its {prefix} does not fit this run's network ({exc})") from None
+        self.step = int(meta["step"])
+        self.elapsed = float(meta["elapsed_seconds"])
+        self.images_seen = int(meta["images_seen"])
+        return tensors, meta
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        tensors, meta = self._load_networks(path)
         self.opt_G.load_state_dict(unflatten_optimizer("opt_G", tensors, meta["opt_G.param_groups"]))
         self.opt_D.load_state_dict(unflatten_optimizer("opt_D", tensors, meta["opt_D.param_groups"]))
         for opt in (self.opt_G, self.opt_D):  # keep optimiser state in the parameters' memory format
@@ -311,9 +323,6 @@ class Trainer:
                 for k, v in state.items():
                     if torch.is_tensor(v) and v.shape == p.shape and v.dim() == 4:
                         state[k] = v.contiguous(memory_format=self.memory_format)
-        self.step = int(meta["step"])
-        self.elapsed = float(meta["elapsed_seconds"])
-        self.images_seen = int(meta["images_seen"])
         self.best_metrics = json.loads(meta.get("best_metrics", "{}"))
         # re-scored, so a run resumed under a changed selection rule compares like with like
         self.best_score = selection_score(self.best_metrics) if self.best_metrics else float(meta["best_score"])
@@ -325,16 +334,7 @@ class Trainer:
         training a model has had. The generator config may differ from the parent's where the
         tensors keep their shapes (e.g. ``conditioning``); anything else fails loudly here.
         """
-        tensors, meta = read_training_checkpoint(path)
-        for prefix, module in (("G", self.G), ("D", self.D), ("G_ema", self.G_ema)):
-            sub = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-            try:
-                module.load_state_dict(sub)
-            except RuntimeError as exc:
-                raise CheckpointError(f"{path}: its {prefix} does not fit this run's network ({exc})") from None
-        self.step = int(meta["step"])
-        self.elapsed = float(meta["elapsed_seconds"])
-        self.images_seen = int(meta["images_seen"])
+        self._load_networks(path)
         self.best_score, self.best_metrics = -math.inf, {}
         self.cfg.init_from = str(path)
 
