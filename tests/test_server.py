@@ -269,7 +269,9 @@ def test_edit_gain_scales_what_a_slider_asks_for(tmp_path: Path) -> None:
     doc["name"], doc["edit_gain"] = "strong", 2.0
     (root / "strong" / "config.json").write_text(json.dumps(doc))
     crop = _png(np.asarray(Image.open(PHOTOS / "portrait-2.jpg").convert("RGB").resize((32, 32))))
-    with TestClient(create_app(Settings(weights_dir=root, default_model="stgan"))) as c:
+    # one precision for both: under "auto" each model is timed at start-up and may be served in another
+    settings = Settings(weights_dir=root, default_model="stgan", precision="fp32")
+    with TestClient(create_app(settings)) as c:
         gains = {m["name"]: m["edit_gain"] for m in c.get("/v1/models").json()["models"]}
         assert gains == {"stgan": 1.0, "strong": 2.0}
 
