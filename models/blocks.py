@@ -50,6 +50,80 @@ class ConvBlock(nn.Sequential):
         )
 
 
+UPSAMPLING = ("deconv", "resize")
+
+
+#: Row j of this matrix says which taps of a 3-tap kernel land on offset j - 1 of a ×2 nearest-upsampled
+#: signal, seen from one low-resolution pixel (see :class:`ResizeConv`).
+_RESIZE_TAPS = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+
+
+class ResizeConv(nn.Module):
+    """×2 nearest-neighbour resize, then a 3×3 conv with reflected borders (Odena et al., 2016).
+
+    A 4×4 stride-2 transposed conv gives the four output phases independent kernels, which draws a
+    checkerboard into images and masks; here every phase derives from one 3×3 kernel, so a constant
+    input gives a constant output, borders included.
+
+    Computed without materialising the ×4 larger resized tensor: nearest ×2 followed by a 3×3 conv is
+    a stride-2 transposed conv with the 4×4 kernel ``A W Aᵀ`` (``A`` = ``_RESIZE_TAPS``), and a
+    reflected border of the resized image is a replicated border of the input. That costs what the
+    4×4 transposed conv costs, 2.25x fewer multiply-adds than the 3×3 conv at the high resolution
+    (:meth:`reference_forward` is the literal version; a test holds them equal).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, bias: bool = True) -> None:
+        super().__init__()
+        conv = nn.Conv2d(in_ch, out_ch, 3, 1, 1, bias=bias)  # for its default initialisation
+        self.weight = conv.weight
+        self.bias = conv.bias
+
+    def transposed_kernel(self) -> torch.Tensor:
+        taps = _RESIZE_TAPS.to(self.weight)
+        # (out, in, 3, 3) -> (in, out, 4, 4), the layout conv_transpose2d takes
+        return torch.einsum("ja,oiab,kb->iojk", taps, self.weight, taps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, (1, 1, 1, 1), mode="replicate")
+        return F.conv_transpose2d(x, self.transposed_kernel().to(x.dtype), self._bias(x), stride=2, padding=3)
+
+    def _bias(self, x: torch.Tensor) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias.to(x.dtype)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        up = F.pad(F.interpolate(x, scale_factor=2, mode="nearest"), (1, 1, 1, 1), mode="reflect")
+        return F.conv2d(up, self.weight.to(x.dtype), self._bias(x))
+
+
+def resize_weight_from_deconv(deconv_weight: torch.Tensor) -> torch.Tensor:
+    """The 3×3 :class:`ResizeConv` kernel closest (least squares) to a 4×4 stride-2 transposed conv's.
+
+    ``(in, out, 4, 4) -> (out, in, 3, 3)``: the four phases of the transposed conv averaged into the
+    one kernel a resize conv has, so a released ``deconv`` generator can warm-start a ``resize`` one.
+    """
+    pinv = torch.linalg.pinv(_RESIZE_TAPS.double())  # (3, 4)
+    w = torch.einsum("aj,iojk,bk->oiab", pinv, deconv_weight.double(), pinv)
+    return w.to(deconv_weight.dtype)
+
+
+def up_conv(in_ch: int, out_ch: int, upsample: str, bias: bool = True) -> nn.Module:
+    """The ×2 up-sampling layer of a decoder: ``deconv`` (4×4 stride-2 transposed conv) or ``resize``."""
+    if upsample == "deconv":
+        return nn.ConvTranspose2d(in_ch, out_ch, 4, 2, 1, bias=bias)
+    if upsample == "resize":
+        return ResizeConv(in_ch, out_ch, bias=bias)
+    raise ValueError(f"upsample must be one of {UPSAMPLING}, got {upsample!r}")
+
+
+class UpBlock(nn.Sequential):
+    """×2 up-sampling (see :func:`up_conv`) + norm + activation."""
+
+    def __init__(self, in_ch: int, out_ch: int, *, upsample: str, norm: str = "batch", act: str = "relu") -> None:
+        super().__init__(
+            up_conv(in_ch, out_ch, upsample, bias=norm == "none"), norm_layer(norm, out_ch), activation(act)
+        )
+
+
 def tile_condition(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Tile a (B, n) condition vector to (B, n, H, W) matching ``like``'s spatial size and dtype."""
     b, n = c.shape
@@ -92,10 +166,10 @@ class SelectiveTransferUnit(nn.Module):
     ``f_t = (1 - z) * s_hat + z * tanh(W_h [f_enc, s])`` goes to the decoder.
     """
 
-    def __init__(self, enc_ch: int, state_ch: int, n_attrs: int, kernel: int = 3) -> None:
+    def __init__(self, enc_ch: int, state_ch: int, n_attrs: int, kernel: int = 3, upsample: str = "deconv") -> None:
         super().__init__()
         pad = kernel // 2
-        self.upsample = nn.ConvTranspose2d(state_ch + n_attrs, enc_ch, 4, 2, 1)
+        self.upsample = up_conv(state_ch + n_attrs, enc_ch, upsample)
         self.reset_gate = nn.Conv2d(2 * enc_ch, enc_ch, kernel, padding=pad)
         self.update_gate = nn.Conv2d(2 * enc_ch, enc_ch, kernel, padding=pad)
         self.hidden = nn.Conv2d(2 * enc_ch, enc_ch, kernel, padding=pad)

@@ -24,6 +24,8 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 CARD_FILE = "card.md"
+#: A release's discriminator (what fine-tuning needs beside the generator; the server never loads it).
+DISCRIMINATOR_FILE = "discriminator.safetensors"
 
 
 class CheckpointError(ValueError):

@@ -12,6 +12,7 @@ from models.attributes import CELEBA_ATTRIBUTES, CONDITIONING_MODES, STGAN_ATTRI
 
 NORMS = ("batch", "instance", "none")
 SKIPS = ("none", "concat", "stu", "auc")
+UPSAMPLING = ("deconv", "resize")
 
 
 @dataclass
@@ -43,12 +44,17 @@ class EncoderDecoderConfig:
     enc_attention: tuple[int, ...] = ()
     #: Decoder layer indices (0 = first, lowest resolution) followed by self-attention.
     dec_attention: tuple[int, ...] = ()
+    #: How the decoder (and STGAN's STUs) up-sample: ``deconv`` (4x4 stride-2 transposed conv, the
+    #: papers') or ``resize`` (nearest x2 + 3x3 conv: no checkerboard). Released models without the
+    #: field are ``deconv``.
+    upsample: str = "deconv"
 
     def __post_init__(self) -> None:
         self.attributes = validate_attributes(self.attributes)
         _check_choice("conditioning", self.conditioning, CONDITIONING_MODES)
         _check_choice("norm", self.norm, NORMS)
         _check_choice("skip", self.skip, SKIPS)
+        _check_choice("upsample", self.upsample, UPSAMPLING)
         if self.image_size % (2**self.n_layers):
             raise ValueError(f"image_size {self.image_size} is not divisible by 2**n_layers ({2**self.n_layers})")
         if not 0 <= self.n_skip_layers <= self.n_layers - 1:

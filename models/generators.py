@@ -21,10 +21,14 @@ from models.blocks import (
     AttentionUNetConnection,
     ConvBlock,
     ResidualBlock,
+    ResizeConv,
     SelectiveTransferUnit,
     SelfAttention,
+    UpBlock,
     cat_condition,
     conv_trunk,
+    resize_weight_from_deconv,
+    up_conv,
 )
 from models.config import EncoderDecoderConfig, StarGANConfig
 
@@ -97,7 +101,7 @@ class EncoderDecoderGenerator(AttributeGenerator):
             state_ch = enc_ch[n - 1]
             for j in range(cfg.n_skip_layers):
                 skip_ch = enc_ch[n - 2 - j]
-                self.stus.append(SelectiveTransferUnit(skip_ch, state_ch, a, cfg.stu_kernel))
+                self.stus.append(SelectiveTransferUnit(skip_ch, state_ch, a, cfg.stu_kernel, cfg.upsample))
                 state_ch = skip_ch
 
         self.decoder = nn.ModuleList()
@@ -107,7 +111,7 @@ class EncoderDecoderGenerator(AttributeGenerator):
         in_ch = enc_ch[n - 1] + a
         for j in range(n - 1):
             out_ch = min(cfg.base_channels * 2 ** (n - 1 - j), cfg.max_channels)
-            self.decoder.append(ConvBlock(in_ch, out_ch, norm=cfg.norm, act="relu", transposed=True))
+            self.decoder.append(UpBlock(in_ch, out_ch, upsample=cfg.upsample, norm=cfg.norm, act="relu"))
             in_ch = out_ch
             if cfg.skip != "none" and j < cfg.n_skip_layers:
                 skip_ch = enc_ch[n - 2 - j]
@@ -127,7 +131,7 @@ class EncoderDecoderGenerator(AttributeGenerator):
             if j in cfg.dec_attention:
                 self.dec_attention[str(j)] = SelfAttention(in_ch)
         out_channels = 4 if cfg.mask_head else 3
-        self.to_image = nn.ConvTranspose2d(in_ch, out_channels, 4, 2, 1)
+        self.to_image = up_conv(in_ch, out_channels, cfg.upsample)
 
     def encode(self, x: torch.Tensor) -> Encoded:
         feats, h = [], x
@@ -195,3 +199,18 @@ class StarGANGenerator(AttributeGenerator):
     def decode_parts(self, encoded: Encoded, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         h = self.body(cat_condition(encoded.x, c))
         return self._split_head(self.to_image(h))
+
+
+def convert_upsampling(state_dict: dict[str, torch.Tensor], target: nn.Module) -> dict[str, torch.Tensor]:
+    """A ``deconv`` generator's state dict made to fit ``target``, a generator that up-samples with
+    :class:`ResizeConv`: each transposed-conv kernel becomes its least-squares 3×3 resize kernel
+    (:func:`models.blocks.resize_weight_from_deconv`); every other tensor is kept as it is."""
+    out = dict(state_dict)
+    for name, module in target.named_modules():
+        if not isinstance(module, ResizeConv):
+            continue
+        key = f"{name}.weight"
+        weight = out.get(key)
+        if weight is not None and weight.dim() == 4 and weight.shape[2:] == (4, 4):
+            out[key] = resize_weight_from_deconv(weight)
+    return out

@@ -59,10 +59,14 @@ _MUGAN = EncoderDecoderConfig(
 )
 _STARGAN = StarGANConfig()
 
-# CPU presets: 32 base channels capped at 256, spatial-attention head on. Self-attention for MU-GAN
-# is moved one level down (32x32 and 16x16 instead of 64x64 and 32x32), where it costs ~16x less.
-_CPU = dict(base_channels=32, max_channels=256, mask_head=True)
-_TINY = dict(image_size=32, base_channels=4, max_channels=16, n_layers=3)
+# CPU presets: 32 base channels capped at 256, spatial-attention head on, resize + 3x3 conv
+# up-sampling (no checkerboard; the released models of the first campaign up-sample with 4x4
+# transposed convs and say so in their config.json). Self-attention for MU-GAN is moved one level
+# down (32x32 and 16x16 instead of 64x64 and 32x32), where it costs ~16x less, and MU-GAN-cpu is
+# conditioned on the attribute difference, as STGAN is (measured in the first campaign: the target-
+# conditioned MU-GAN stopped editing; see the README).
+_CPU = dict(base_channels=32, max_channels=256, mask_head=True, upsample="resize")
+_TINY = dict(image_size=32, base_channels=4, max_channels=16, n_layers=3, upsample="resize")
 
 ARCHITECTURES: dict[str, Architecture] = {
     "stgan": Architecture(
@@ -94,7 +98,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         EncoderDecoderGenerator,
         {
             "mugan": _MUGAN,
-            "mugan-cpu": _tiny(_MUGAN, **_CPU, enc_attention=(1, 2), dec_attention=(1, 2)),
+            "mugan-cpu": _tiny(_MUGAN, **_CPU, conditioning="diff", enc_attention=(1, 2), dec_attention=(1, 2)),
             "mugan-tiny": _tiny(_MUGAN, **_TINY, enc_attention=(0, 1), dec_attention=(0, 1), mask_head=True),
         },
     ),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -33,11 +34,16 @@ def create_app(settings: Settings | None = None, load_models: bool = True) -> Fa
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # The models load in the background: /healthz answers at once, /readyz says 503 until a model
+        # is loaded, and edits that arrive meanwhile wait for the load (server/api/deps.py).
+        loading = None
         if load_models:
-            state.load_models()
-            if state.registry.generators:
-                state.warm_up()
+            loading = asyncio.get_running_loop().run_in_executor(None, state.start_up)
+        else:
+            state.loaded.set()
         yield
+        if loading is not None:
+            await loading
 
     app = FastAPI(
         title="Face attribute editor",

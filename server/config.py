@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     max_concurrent: int = Field(2, description="edits computed at the same time")
     max_queue: int = Field(16, description="edits waiting beyond max_concurrent; more get 503 + Retry-After")
     queue_timeout_s: float = Field(30.0, description="an edit waiting longer than this gets 503")
+    startup_wait_s: float = Field(
+        60.0, description="a request that needs a model waits at most this long for the start-up load"
+    )
     compute_workers: int = Field(
         1,
         description="threads running torch work; keep 1 on a CPU (more threads than cores make every op "

@@ -35,7 +35,7 @@ from server.faces import (
     regions_box,
     tint_overlay,
 )
-from server.imaging import ImageError, b64_png, decode_upload, encode_png
+from server.imaging import ImageError, b64_png, decode_upload, encode_png, is_jpeg
 from server.registry import ModelRegistry, ServedGenerator
 
 log = logging.getLogger(__name__)
@@ -160,6 +160,8 @@ class FaceState:
 class PhotoState:
     photo: np.ndarray
     faces: list[FaceState]
+    #: "jpeg" for a JPEG upload, else "png": the default encoding of the answers about this photo
+    source_format: str = "png"
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -209,6 +211,7 @@ class EditResult:
     timings_ms: dict[str, float]
     cache_hit: bool
     photo_id: str = ""
+    source_format: str = "png"
 
     def png(self) -> bytes:
         return encode_png(self.image)
@@ -302,7 +305,7 @@ class EditService:
         timer.lap("classify")
         for i, (face, alignment, crop) in enumerate(crops):
             states.append(FaceState(face, alignment, crop, probs[i], c_src[i]))
-        return PhotoState(photo, states)
+        return PhotoState(photo, states, "jpeg" if is_jpeg(data) else "png")
 
     @staticmethod
     def select_faces(spec: str | None, n: int, faces: list[FaceState]) -> list[int]:
@@ -442,7 +445,9 @@ class EditService:
                 item["mask"] = b64_png((mask[k, 0].clamp(0, 1) * 255).round().to(torch.uint8).numpy())
             face_out.append(item)
         timer.lap("crops_png")
-        return EditResult(model.name, image, overlay, face_out, timer.ms, cache_hit, photo_id or "")
+        return EditResult(
+            model.name, image, overlay, face_out, timer.ms, cache_hit, photo_id or "", state.source_format
+        )
 
     @staticmethod
     def _compose_aligned(

@@ -84,24 +84,33 @@ def b64_png(arr: np.ndarray, compress_level: int = 1) -> str:
     return base64.b64encode(encode_png(arr, compress_level)).decode("ascii")
 
 
+JPEG_MAGIC = b"\xff\xd8\xff"
+#: JPEG quality of an answer that follows a JPEG upload (the editor's live previews ask for 90).
+JPEG_QUALITY_FULL = 95
+
+
+def is_jpeg(data: bytes | None) -> bool:
+    return bool(data) and data[:3] == JPEG_MAGIC  # type: ignore[index]
+
+
 def encode_jpeg(arr: np.ndarray, quality: int = 90) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
 
 
-def b64_image(arr: np.ndarray, image_format: str) -> str:
+def b64_image(arr: np.ndarray, image_format: str, quality: int = 90) -> str:
     """Base64 PNG (lossless, fast compression) or JPEG (smaller, for live previews)."""
-    data = encode_jpeg(arr) if image_format == "jpeg" else encode_png(arr)
+    data = encode_jpeg(arr, quality) if image_format == "jpeg" else encode_png(arr)
     return base64.b64encode(data).decode("ascii")
 
 
 _ENCODERS = ThreadPoolExecutor(2, thread_name_prefix="image-encode")
 
 
-def b64_images(arrays: list[np.ndarray], image_format: str) -> list[str]:
+def b64_images(arrays: list[np.ndarray], image_format: str, quality: int = 90) -> list[str]:
     """:func:`b64_image` of several images at once: zlib and libjpeg release the GIL, so the edited
     photo and its overlay are encoded on two cores (a 2048-px PNG takes ~200 ms on one)."""
     if len(arrays) < 2:
-        return [b64_image(a, image_format) for a in arrays]
-    return list(_ENCODERS.map(lambda a: b64_image(a, image_format), arrays))
+        return [b64_image(a, image_format, quality) for a in arrays]
+    return list(_ENCODERS.map(lambda a: b64_image(a, image_format, quality), arrays))

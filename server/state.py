@@ -26,6 +26,9 @@ class AppState:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     service: EditService = field(init=False)
     compute: ComputePool = field(init=False)
+    #: Set once the start-up load of weights/ has finished (or failed): requests that need a model
+    #: wait for it, /healthz and /readyz never do.
+    loaded: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -50,6 +53,17 @@ class AppState:
             self.detector().detect(np.zeros((96, 96, 3), np.uint8))
 
         self.compute.run(run)
+
+    def start_up(self) -> None:
+        """The start-up load (run off the event loop): weights/, then MTCNN's warm-up."""
+        try:
+            self.load_models()
+            if self.registry.generators:
+                self.warm_up()
+        except Exception:  # pragma: no cover - logged; /readyz stays 503
+            log.exception("loading the models failed")
+        finally:
+            self.loaded.set()
 
     def load_models(self) -> ModelRegistry:
         """Load weights/ into a new registry and swap it in whole; in-flight requests keep the old one."""

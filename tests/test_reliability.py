@@ -114,11 +114,11 @@ def test_broken_models_are_reported_and_the_others_serve(tmp_path: Path) -> None
     doc["config"]["base_channels"] = 6  # config no longer matches the tensors
     (weights / "attgan" / "config.json").write_text(json.dumps(doc))
     with TestClient(create_app(Settings(weights_dir=weights))) as client:
+        listed = {m["name"]: m for m in client.get("/v1/models").json()["models"]}  # waits for the load
         ready = client.get("/readyz")
         assert ready.status_code == 200
         assert ready.json()["models"] == {"stgan": "loaded", "mugan": "failed", "attgan": "failed"}
         assert "shape mismatch" in ready.json()["errors"]["attgan"]
-        listed = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
         assert listed["mugan"]["state"] == "failed" and "unreadable" in listed["mugan"]["error"]
         assert _edit(client).status_code == 200
         resp = _edit(client, model="mugan")

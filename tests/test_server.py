@@ -28,6 +28,7 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def client(weights: Path) -> Iterator[TestClient]:
     app = create_app(Settings(weights_dir=weights, default_model="stgan", max_upload_bytes=3_000_000))
     with TestClient(app) as c:
+        assert app.state.face_editor.loaded.wait(60)  # the models load in the background
         yield c
 
 
@@ -56,7 +57,9 @@ def _png(arr: np.ndarray) -> bytes:
 
 @pytest.mark.parametrize(("photo", "n_faces"), [("portrait-2.jpg", 1), ("group-six-faces.jpg", 6)])
 def test_edit_real_photo(client: TestClient, photo: str, n_faces: int) -> None:
-    resp = _post(client, _photo_bytes(photo), edits=json.dumps({"Blond_Hair": 1.0, "Eyeglasses": 0.5}))
+    resp = _post(
+        client, _photo_bytes(photo), edits=json.dumps({"Blond_Hair": 1.0, "Eyeglasses": 0.5}), image_format="png"
+    )
     assert resp.status_code == 200, resp.text
     body = resp.json()
     assert body["model"] == "stgan"
@@ -85,7 +88,7 @@ def test_edit_real_photo(client: TestClient, photo: str, n_faces: int) -> None:
 
 
 def test_zero_edit_returns_the_photo_unchanged(client: TestClient) -> None:
-    resp = _post(client, _photo_bytes("portrait-2.jpg"), edits="{}")
+    resp = _post(client, _photo_bytes("portrait-2.jpg"), edits="{}", image_format="png")
     edited = np.asarray(_decode_b64(resp.json()["image"]).convert("RGB"))
     assert np.array_equal(edited, _upright("portrait-2.jpg"))
 
@@ -283,3 +286,24 @@ def test_edit_gain_scales_what_a_slider_asks_for(tmp_path: Path) -> None:
         # half a slider on the ×2 model is a full slider on the ×1 model; a full one is not
         assert np.array_equal(edited("strong", 0.5), edited("stgan", 1.0))
         assert not np.array_equal(edited("strong", 1.0), edited("stgan", 1.0))
+
+
+def test_the_answer_format_follows_the_upload(client: TestClient) -> None:
+    jpeg = _post(client, _photo_bytes("portrait-2.jpg"), edits='{"Young": 1}').json()
+    assert jpeg["image_format"] == "jpeg"
+    assert _decode_b64(jpeg["image"]).format == "JPEG" and _decode_b64(jpeg["overlay"]).format == "JPEG"
+    crop = np.asarray(Image.open(PHOTOS / "portrait-2.jpg").convert("RGB").resize((32, 32)))
+    png = _post(client, _png(crop), mime="image/png", edits='{"Young": 1}', aligned="true").json()
+    assert png["image_format"] == "png" and _decode_b64(png["image"]).format == "PNG"
+    # asked for explicitly, PNG it is, whatever the upload
+    asked = _post(client, _photo_bytes("portrait-2.jpg"), edits='{"Young": 1}', image_format="png").json()
+    assert _decode_b64(asked["image"]).format == "PNG"
+    # the photo alone, by Accept header
+    photo = client.post(
+        "/v1/edit",
+        files={"image": ("p.jpg", _photo_bytes("portrait-2.jpg"), "image/jpeg")},
+        data={"edits": '{"Young": 1}'},
+        headers={"Accept": "image/jpeg"},
+    )
+    assert photo.status_code == 200 and photo.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(photo.content)).size == _upright("portrait-2.jpg").shape[1::-1]

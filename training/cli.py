@@ -63,7 +63,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         data = json.loads(Path(args.config).read_text()) if args.config else {}
         if args.preset:
             data["preset"] = args.preset
-        cfg = TrainConfig.from_dict(data | overrides)
+        data |= overrides
+        if args.init_from and Path(args.init_from).is_dir():
+            data = release_train_config(Path(args.init_from), data)
+        cfg = TrainConfig.from_dict(data)
     if args.threads:
         cfg.threads = args.threads
     trainer = Trainer(cfg, run_dir)
@@ -71,11 +74,40 @@ def cmd_train(args: argparse.Namespace) -> None:
         trainer.load_checkpoint(ckpt)
         log.info("resumed %s at step %d", ckpt, trainer.step)
     elif args.init_from:
-        trainer.init_from(args.init_from)
+        trainer.init_from(args.init_from, fresh_discriminator=args.fresh_discriminator)
         log.info("warm-started from %s at step %d", args.init_from, trainer.step)
     n_params = sum(p.numel() for p in trainer.G.parameters())
     log.info("generator %s: %.2fM parameters; torch threads %d", cfg.preset, n_params / 1e6, torch.get_num_threads())
     trainer.fit(max_minutes=args.max_minutes, max_steps=args.max_steps)
+
+
+def release_train_config(folder: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """The TrainConfig fields that make a run build the network of the release in ``folder``: its
+    preset (unless one is given), and, as generator overrides, every field of its generator config
+    that differs from that preset, except those the caller overrides explicitly."""
+    from models.checkpoint import read_config
+    from models.registry import config_dict, get_preset
+
+    doc = read_config(folder)
+    data = dict(data)
+    preset = data.get("preset") or (doc.get("training") or {}).get("preset")
+    if not preset:
+        raise SystemExit(f"{folder}: its config.json names no training preset; pass --preset")
+    data["preset"] = preset
+    _, preset_cfg = get_preset(preset)
+    defaults = config_dict(preset_cfg)
+    release_cfg = config_dict(parse_release_config(doc))
+    explicit = dict(data.get("generator_overrides") or {})
+    inherited = {k: v for k, v in release_cfg.items() if k != "attributes" and defaults.get(k) != v}
+    data["generator_overrides"] = inherited | explicit
+    data.setdefault("attributes", release_cfg["attributes"])
+    return data
+
+
+def parse_release_config(doc: dict[str, Any]) -> Any:
+    from models.registry import parse_config
+
+    return parse_config(doc["architecture"], doc["config"])
 
 
 def cmd_classifier(args: argparse.Namespace) -> None:
@@ -97,8 +129,27 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from training.evaluate import evaluate_command
 
     evaluate_command(
-        args.model, args.cache_dir, args.split, args.classifier, args.out, args.limit, args.amp, gain=args.gain
+        args.model,
+        args.cache_dir,
+        args.split,
+        args.classifier,
+        args.out,
+        args.limit,
+        _amp(args),
+        gain=args.gain,
+        realism_faces=args.realism_faces,
+        realism_combined=args.realism_combined,
     )
+
+
+def _amp(args: argparse.Namespace) -> bool:
+    """bf16 autocast for this command: ``--precision`` (auto: only where the device has bf16 units)."""
+    from models.precision import resolve_precision
+    from training.trainer import pick_device
+
+    precision = resolve_precision(args.precision, pick_device("auto"))
+    log.info("precision %s -> %s", args.precision, precision)
+    return precision == "bf16"
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
@@ -106,7 +157,15 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
     gains = [float(g) for g in args.gains.split(",")]
     calibrate_command(
-        args.model, args.cache_dir, args.split, args.classifier, args.limit, gains, args.min_preservation, args.amp
+        args.model,
+        args.cache_dir,
+        args.split,
+        args.classifier,
+        args.limit,
+        gains,
+        args.min_preservation,
+        _amp(args),
+        realism_faces=args.realism_faces,
     )
 
 
@@ -122,6 +181,13 @@ def cmd_grid(args: argparse.Namespace) -> None:
     from training.evaluate import grid_command
 
     grid_command(args.model, args.cache_dir, args.split, args.out, args.n, args.offset)
+
+
+def _precision_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument(
+        "--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 only with bf16 units"
+    )
+    s.add_argument("--no-amp", dest="precision", action="store_const", const="fp32", help="same as --precision fp32")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,7 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--init-from",
         metavar="CHECKPOINT",
-        help="start a new run from another run's networks (a training .safetensors); ignored when resuming",
+        help="start a new run from another run's networks (a training .safetensors) or from a released "
+        "model folder (weights/<name>); ignored when resuming",
+    )
+    s.add_argument(
+        "--fresh-discriminator",
+        action="store_true",
+        help="with --init-from a release that has no discriminator: accept starting D from scratch",
     )
     s.add_argument("--max-minutes", type=float, help="stop (and checkpoint) after this much wall time")
     s.add_argument("--max-steps", type=int, help="stop after this many more steps")
@@ -182,8 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--classifier", default="weights/classifier")
     s.add_argument("--out", help="folder for metrics.json and metrics.md (default: next to the model)")
     s.add_argument("--limit", type=int, help="only the first N images of the split")
-    s.add_argument("--no-amp", dest="amp", action="store_false")
+    _precision_args(s)
     s.add_argument("--gain", type=float, help="edit gain to evaluate at (default: the model's own)")
+    s.add_argument("--realism-faces", type=int, default=60, help="faces for the realism report (0: none)")
+    s.add_argument("--realism-combined", type=int, default=120, help="combined edits in the realism report")
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser(
@@ -196,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=500, help="first N faces of the split")
     s.add_argument("--gains", default="1,1.25,1.5,1.75,2,2.5", help="comma-separated candidates")
     s.add_argument("--min-preservation", type=float, default=0.92, help="mean preservation a gain must keep")
-    s.add_argument("--no-amp", dest="amp", action="store_false")
+    _precision_args(s)
+    s.add_argument("--realism-faces", type=int, default=20, help="faces of the realism probe per gain (0: none)")
     s.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("export", help="export a run's checkpoint into weights/<name>")

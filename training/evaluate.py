@@ -13,6 +13,7 @@ from models.generators import AttributeGenerator
 from training.data import CachedFaces
 from training.evaluation import choose_gain, evaluate_generator, markdown_table
 from training.export import SAMPLES_FILE, update_metrics, write_card, write_samples
+from training.realism import RealismConfig, RealismUnavailableError, realism_on_split
 from training.trainer import ema_generator_from_checkpoint, pick_device
 
 log = logging.getLogger(__name__)
@@ -47,9 +48,12 @@ def evaluate_command(
     limit: int | None,
     amp: bool,
     gain: float | None = None,
+    realism_faces: int = 60,
+    realism_combined: int = 120,
 ) -> dict:
     """Evaluate at ``gain`` (default: the model's own edit gain). Only a full test-split run at the
-    model's own gain is recorded in its config.json and card."""
+    model's own gain is recorded in its config.json and card. ``realism_faces`` > 0 adds the
+    realism report (:mod:`training.realism`) on that many faces of the split."""
     device = pick_device("auto")
     gen, own_gain = load_generator(model)
     gen = gen.to(device)
@@ -62,6 +66,10 @@ def evaluate_command(
         gen, x, c, attributes, clf, clf_attrs, batch_size=50, device=device, amp=amp, progress=True, gain=gain
     )
     metrics["split"] = split
+    if realism_faces > 0:
+        metrics["realism"] = _realism(
+            gen, cache_dir, split, gain, RealismConfig(n_faces=realism_faces, n_combined=realism_combined), amp
+        )
     out_dir = Path(out) if out else (Path(model) if Path(model).is_dir() else Path(model).parent)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -70,6 +78,29 @@ def evaluate_command(
         update_metrics(model, "test", metrics)
     log.info("\n%s", markdown_table(metrics))
     return metrics
+
+
+def _realism(
+    gen: AttributeGenerator, cache_dir: str, split: str, gain: float, config: RealismConfig, amp: bool
+) -> dict | None:
+    try:
+        return realism_on_split(
+            gen,
+            cache_dir,
+            split,
+            gain,
+            config,
+            precision="bf16" if amp else "fp32",
+            device=gen_device(gen),
+            progress=True,
+        )
+    except RealismUnavailableError as exc:
+        log.warning("no realism report: %s", exc)
+        return None
+
+
+def gen_device(gen: torch.nn.Module) -> torch.device:
+    return next(gen.parameters()).device
 
 
 def calibrate_command(
@@ -82,12 +113,14 @@ def calibrate_command(
     min_preservation: float,
     amp: bool,
     n_samples: int = 6,
+    realism_faces: int = 20,
 ) -> float:
     """Pick the edit gain of a released model on the val split and write it into its config.json.
 
-    The chosen gain is the one with the highest mean edit success among those whose mean
-    preservation stays at or above ``min_preservation`` (1.0 if none does). Test metrics measured at
-    another gain are dropped (they no longer describe the served model); samples.png and the card
+    The chosen gain is the one with the highest mean edit success, less a realism penalty measured
+    on ``realism_faces`` faces (matched KID and background change, see ``realism_penalty``), among
+    those whose mean preservation stays at or above ``min_preservation`` (1.0 if none does). Test
+    metrics measured at another gain are dropped (they no longer describe the served model); samples.png and the card
     are rewritten.
     """
     folder = Path(model)
@@ -111,7 +144,19 @@ def calibrate_command(
             100 * m["mean_edit_success"],
             100 * m["mean_preservation"],
         )
-        rows.append({k: m[k] for k in ("edit_gain", "mean_edit_success", "mean_preservation", "edit_success")})
+        row = {k: m[k] for k in ("edit_gain", "mean_edit_success", "mean_preservation", "edit_success")}
+        if realism_faces > 0:
+            probe = RealismConfig(n_faces=realism_faces, n_combined=0, subset_size=realism_faces * 13)
+            report = _realism(gen, cache_dir, split, g, probe, amp)
+            if report is not None:
+                row["realism"] = {k: report[k] for k in ("kid_x1000", "background_change_worst", "protocol")}
+                log.info(
+                    "gain %.2f: matched KID×1000 %.1f, worst background change %.2f",
+                    g,
+                    report["kid_x1000"],
+                    report["background_change_worst"],
+                )
+        rows.append(row)
     chosen = choose_gain(rows, min_preservation)
     doc = read_config(folder)
     doc["edit_gain"] = chosen

@@ -14,6 +14,7 @@ from torch import nn
 
 from models.attributes import condition_vector, exclusive_groups_for
 from models.generators import AttributeGenerator
+from training.realism import realism_markdown, realism_penalty
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -148,16 +149,19 @@ def selection_score(metrics: dict) -> float:
     score = psnr_term
     if "mean_edit_success" in metrics:
         score = 0.5 * metrics["mean_edit_success"] + 0.3 * metrics["mean_preservation"] + 0.2 * psnr_term
+    # realism (matched KID, background change) where it was measured: edits are not bought with artifacts
+    score -= realism_penalty(metrics)
     return score - 1.0 if misses else score
 
 
 def choose_gain(rows: list[dict], min_preservation: float) -> float:
-    """The edit gain with the highest mean edit success among rows whose mean preservation is at
-    least ``min_preservation``; the smaller gain on ties; 1.0 when no row qualifies."""
+    """The edit gain with the highest mean edit success, less the realism penalty where a row has a
+    realism probe, among rows whose mean preservation is at least ``min_preservation``; the smaller
+    gain on ties; 1.0 when no row qualifies."""
     ok = [r for r in rows if r["mean_preservation"] >= min_preservation]
     if not ok:
         return 1.0
-    best = max(ok, key=lambda r: (round(r["mean_edit_success"], 6), -r["edit_gain"]))
+    best = max(ok, key=lambda r: (round(r["mean_edit_success"] - realism_penalty(r), 6), -r["edit_gain"]))
     return float(best["edit_gain"])
 
 
@@ -166,12 +170,16 @@ def calibration_table(calibration: dict) -> str:
         f"Edit gain chosen on {calibration['n_images']} {calibration['split']} faces: the highest mean edit "
         f"success with mean preservation ≥ {calibration['min_preservation']:.0%}.",
         "",
-        "| edit gain | edit success | preservation |",
-        "|---|---|---|",
+        "| edit gain | edit success | preservation | matched KID×1000 (probe) | background change, worst |",
+        "|---|---|---|---|---|",
     ]
     for r in calibration["rows"]:
         mark = " ← served" if r["edit_gain"] == calibration["chosen"] else ""
-        lines.append(f"| ×{r['edit_gain']:g}{mark} | {r['mean_edit_success']:.1%} | {r['mean_preservation']:.1%} |")
+        rz = r.get("realism")
+        extra = f"{rz['kid_x1000']:.1f} | {rz['background_change_worst']:.2f}" if rz else "– | –"
+        lines.append(
+            f"| ×{r['edit_gain']:g}{mark} | {r['mean_edit_success']:.1%} | {r['mean_preservation']:.1%} | {extra} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -202,4 +210,6 @@ def markdown_table(metrics: dict) -> str:
             f"| **mean** | **{metrics['mean_edit_success']:.1%}** | **{metrics['mean_preservation']:.1%}** | "
             f"{np.mean(list(metrics['mask_mean'].values())):.3f} |"
         )
+    if metrics.get("realism"):
+        lines += ["", realism_markdown(metrics["realism"])]
     return "\n".join(lines) + "\n"

@@ -28,9 +28,31 @@ def g_adversarial(fake_logit: torch.Tensor, kind: str) -> tuple[torch.Tensor, Lo
     return loss, {"g_adv": loss.item()}
 
 
-def attribute_bce(logits: torch.Tensor, labels: torch.Tensor, name: str) -> tuple[torch.Tensor, Logs]:
-    loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+def attribute_bce(
+    logits: torch.Tensor, labels: torch.Tensor, name: str, weight: torch.Tensor | None = None
+) -> tuple[torch.Tensor, Logs]:
+    """Mean BCE over samples and attributes; ``weight`` (broadcast to ``labels``) scales each term."""
+    loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), weight=weight)
     return loss, {name: loss.item()}
+
+
+def balanced_label_weights(labels: torch.Tensor, frequency: torch.Tensor, cap: float) -> torch.Tensor:
+    """Per-term weights that give each attribute's positives and negatives equal total weight:
+    ``0.5 / p`` for a positive and ``0.5 / (1 - p)`` for a negative, capped at ``cap``."""
+    p = frequency.clamp(1e-4, 1 - 1e-4).to(labels.device)
+    w = torch.where(labels > 0.5, 0.5 / p, 0.5 / (1 - p))
+    return w.clamp(max=cap)
+
+
+def changed_attribute_bce(logits: torch.Tensor, c_trg: torch.Tensor, c_src: torch.Tensor) -> tuple[torch.Tensor, Logs]:
+    """BCE towards the target over only the attributes an edit changes, per sample, then averaged
+    over the samples that change anything (0 when none does)."""
+    changed = (c_trg != c_src).float()
+    terms = F.binary_cross_entropy_with_logits(logits.float(), c_trg.float(), reduction="none") * changed
+    per_sample = terms.sum(1) / changed.sum(1).clamp_min(1.0)
+    edited = (changed.sum(1) > 0).float()
+    loss = (per_sample * edited).sum() / edited.sum().clamp_min(1.0)
+    return loss, {"g_cls_changed": loss.item()}
 
 
 def reconstruction_l1(x_rec: torch.Tensor, x_real: torch.Tensor) -> tuple[torch.Tensor, Logs]:
@@ -61,19 +83,35 @@ def r1_penalty(real_logit: torch.Tensor, x_real: torch.Tensor) -> tuple[torch.Te
     return loss, {"d_r1": loss.item()}
 
 
+def border_weight_map(size: int, border_weight: float) -> torch.Tensor:
+    """(1, 1, size, size) weights ``1 + border_weight * r^2``, r the distance from the centre scaled
+    to 1 at the corners: the background of an aligned face crop lies along its borders."""
+    axis = torch.linspace(-1.0, 1.0, size)
+    yy, xx = torch.meshgrid(axis, axis, indexing="ij")
+    r2 = (xx**2 + yy**2) / 2.0
+    return (1.0 + border_weight * r2).view(1, 1, size, size)
+
+
 def mask_regularisation(
-    mask: torch.Tensor, edited: torch.Tensor, floor: float
+    mask: torch.Tensor, edited: torch.Tensor, floor: float, weight_map: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Logs]:
     """Terms that keep a (B, 1, H, W) attention mask from saturating to 1 or collapsing to 0.
 
     Returns (sparsity, total variation, floor hinge): the mean of the mask; its total variation; and
     ``relu(floor - mean)`` per image, for the images whose target differs from the source (``edited``),
-    so an edit can never be done by a mask that is nowhere open. Without the floor the reconstruction
+    so an edit can never be done by a mask that is nowhere open. ``weight_map`` (see
+    :func:`border_weight_map`) makes the sparsity term cost more where it is large. Without the floor the reconstruction
     loss closes the mask everywhere within tens of steps and the sigmoid's gradient starves.
     """
     mask = mask.float()
     per_image = mask.mean(dim=(1, 2, 3))
-    l1 = per_image.mean()
+    l1 = per_image.mean() if weight_map is None else (mask * weight_map.to(mask.device)).mean()
     tv = (mask[:, :, 1:, :] - mask[:, :, :-1, :]).abs().mean() + (mask[:, :, :, 1:] - mask[:, :, :, :-1]).abs().mean()
     hinge = (torch.relu(floor - per_image) * edited.float()).sum() / edited.float().sum().clamp_min(1.0)
-    return l1, tv, hinge, {"mask_mean": l1.item(), "mask_tv": tv.item(), "mask_floor": hinge.item()}
+    logs = {
+        "mask_mean": per_image.mean().item(),
+        "mask_l1": l1.item(),
+        "mask_tv": tv.item(),
+        "mask_floor": hinge.item(),
+    }
+    return l1, tv, hinge, logs

@@ -9,6 +9,7 @@ from typing import Any
 
 from models.attributes import STGAN_ATTRIBUTES
 from models.config import config_from_dict, config_to_dict
+from models.precision import PRECISIONS
 
 
 @dataclass
@@ -45,9 +46,22 @@ class TrainConfig:
     #: With a mask head: L1 of the raw (unblended) decoder output against the input at zero difference.
     lambda_rec_raw: float = 100.0
     lambda_g_cls: float = 10.0
+    #: BCE of D's classifier on the fake, averaged over only the attributes each edit changes: the
+    #: mean over all attributes hides an edit that did not happen behind the ones kept.
+    lambda_g_cls_changed: float = 0.0
     lambda_d_cls: float = 1.0
+    #: Class-balanced BCE for D's classifier on real faces: positives weigh 0.5/p and negatives
+    #: 0.5/(1-p) (p: the attribute's training frequency), capped at this; 1 turns it off. Rare labels
+    #: (Bald 2 %, Mustache 6 %) are otherwise all but ignored by D's classifier, which G is judged by.
+    d_cls_balance_max: float = 1.0
+    #: Differences are scaled per edited sample by a factor drawn from U(1, diff_scale_max), so a
+    #: served edit gain up to this value stays inside what the generator trained on.
+    diff_scale_max: float = 1.0
     lambda_mask_l1: float = 0.2
     lambda_mask_tv: float = 1.0
+    #: The mask's L1 is weighted 1 + w * r^2 (r: distance from the crop's centre, 1 at the corners),
+    #: so opening the mask over the background (corners, borders of the aligned crop) costs more.
+    mask_border_weight: float = 0.0
     #: Per edited image, the mask's mean is pushed above this floor (see losses.mask_regularisation).
     mask_floor: float = 0.05
     lambda_mask_floor: float = 10.0
@@ -55,13 +69,17 @@ class TrainConfig:
     # machinery
     seed: int = 0
     device: str = "auto"
-    amp: bool = True
+    #: "auto": bf16 autocast only where the device has bf16 units (AMX / avx512-bf16, or a bf16 GPU).
+    precision: str = "auto"
     channels_last: bool = True
     threads: int = 0
     log_every: int = 10
     sample_every: int = 500
     eval_every: int = 1000
     eval_images: int = 500
+    #: Val faces of the realism probe at every validation (matched KID×1000 and background change of
+    #: their 13 single edits, :mod:`training.realism`), which checkpoint selection is penalised by; 0: off.
+    eval_realism_faces: int = 0
     #: Edit gain the val selection measures at (released models are served at a calibrated gain > 1).
     eval_gain: float = 1.0
     #: Training checkpoint this run was warm-started from (``train --init-from``); "" for a fresh run.
@@ -70,6 +88,10 @@ class TrainConfig:
     classifier: str = "weights/classifier"
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.diff_scale_max < 1.0:
+            raise ValueError(f"diff_scale_max must be >= 1, got {self.diff_scale_max}")
         if self.gan_loss not in ("nsgan", "wgan"):
             raise ValueError(f"gan_loss must be 'nsgan' or 'wgan', got {self.gan_loss!r}")
         self.attributes = tuple(self.attributes)
@@ -80,6 +102,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         data = dict(data)
+        if "amp" in data:  # checkpoints before `precision`: amp=True meant "bf16 where it helps"
+            data.setdefault("precision", "auto" if data.pop("amp") else "fp32")
         overrides = data.pop("generator_overrides", {})
         cfg = config_from_dict(cls, data)
         cfg.generator_overrides = dict(overrides)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import anyio
 from fastapi import Depends, Request
 
 from server.config import Settings
@@ -15,8 +16,16 @@ def get_state(request: Request) -> AppState:
     return request.app.state.face_editor
 
 
-def get_service(request: Request) -> EditService:
-    return request.app.state.face_editor.service
+async def get_loaded_state(request: Request) -> AppState:
+    """The state once the start-up load has finished (waited for off the event loop, bounded)."""
+    state: AppState = request.app.state.face_editor
+    if not state.loaded.is_set():
+        await anyio.to_thread.run_sync(state.loaded.wait, state.settings.startup_wait_s)
+    return state
+
+
+async def get_service(request: Request) -> EditService:
+    return (await get_loaded_state(request)).service
 
 
 def get_app_settings(request: Request) -> Settings:
@@ -24,5 +33,6 @@ def get_app_settings(request: Request) -> Settings:
 
 
 StateDep = Annotated[AppState, Depends(get_state)]
+LoadedStateDep = Annotated[AppState, Depends(get_loaded_state)]
 ServiceDep = Annotated[EditService, Depends(get_service)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]

@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 
 from server.api.deps import ServiceDep, SettingsDep
 from server.editor import EditError
-from server.imaging import b64_images
+from server.imaging import JPEG_QUALITY_FULL, b64_images, encode_jpeg
 
 router = APIRouter(prefix="/v1", tags=["edit"])
 
@@ -34,7 +34,9 @@ class EditResponse(BaseModel):
         description="base64 image: the edited photo with the attention mask tinted over the faces "
         "(empty when the request said overlay=false)"
     )
-    image_format: str = Field(description="png or jpeg: how image and overlay are encoded")
+    image_format: str = Field(
+        description="png or jpeg: how image and overlay are encoded (by default as the upload: JPEG in, JPEG out)"
+    )
     faces: list[FaceResult]
     timings_ms: dict[str, float] = Field(description="milliseconds per stage")
     cache_hit: bool = Field(description="true when detection, alignment and encoder came from the cache")
@@ -60,7 +62,12 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 @router.post(
     "/edit",
     response_model=EditResponse,
-    responses={200: {"content": {"image/png": {}}, "description": "JSON, or the edited photo with Accept: image/png"}}
+    responses={
+        200: {
+            "content": {"image/png": {}, "image/jpeg": {}},
+            "description": "JSON, or the edited photo alone with Accept: image/png or image/jpeg",
+        }
+    }
     | ERRORS,
     summary="Edit the attributes of the faces in a photo",
 )
@@ -81,9 +88,12 @@ async def edit(
         bool, Form(description="the image is already an aligned face crop: no detection, the crop is edited")
     ] = False,
     image_format: Annotated[
-        Literal["png", "jpeg"],
-        Form(description="encoding of `image` and `overlay` in the JSON: png (lossless) or jpeg (smaller previews)"),
-    ] = "png",
+        Literal["png", "jpeg"] | None,
+        Form(
+            description="encoding of `image` and `overlay` in the JSON: png (lossless) or jpeg (smaller previews); "
+            "by default the upload's: a JPEG upload is answered in JPEG (quality 95), anything else in PNG"
+        ),
+    ] = None,
     overlay: Annotated[
         bool, Form(description="also return the mask overlay (false: `overlay` is empty, the edit is faster)")
     ] = True,
@@ -102,6 +112,7 @@ async def edit(
         if len(data) > settings.max_upload_bytes:
             raise EditError(413, f"upload larger than {settings.max_upload_bytes} bytes")
     want_png = accept is not None and "image/png" in accept and "application/json" not in accept
+    want_jpeg = accept is not None and "image/jpeg" in accept and "application/json" not in accept and not want_png
     result = await run_in_threadpool(
         service.edit,
         data,
@@ -110,16 +121,22 @@ async def edit(
         faces,
         aligned,
         image.content_type if image is not None else None,
-        overlay and not want_png,
-        not want_png,
+        overlay and not (want_png or want_jpeg),
+        not (want_png or want_jpeg),
         photo_id,
     )
     if want_png:
         png = await run_in_threadpool(result.png)
         return Response(png, media_type="image/png", headers={"X-Photo-Id": result.photo_id})
+    if want_jpeg:
+        jpeg = await run_in_threadpool(encode_jpeg, result.image, JPEG_QUALITY_FULL)
+        return Response(jpeg, media_type="image/jpeg", headers={"X-Photo-Id": result.photo_id})
+    quality = 90
+    if image_format is None:  # follow the upload (JPEG in, JPEG out), also for edits sent by photo_id
+        image_format, quality = result.source_format, JPEG_QUALITY_FULL
     t0 = time.perf_counter()
     images = [result.image, result.overlay] if overlay else [result.image]
-    encoded = await run_in_threadpool(b64_images, images, image_format)
+    encoded = await run_in_threadpool(b64_images, images, image_format, quality)
     image_b64, overlay_b64 = encoded[0], (encoded[1] if overlay else "")
     timings = result.timings_ms | {"encode_response": round((time.perf_counter() - t0) * 1000, 2)}
     return EditResponse(

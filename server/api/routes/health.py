@@ -18,6 +18,7 @@ def readyz(state: StateDep) -> JSONResponse:
     reg = state.registry
     body = {
         "ready": bool(reg.generators),
+        "loading": not state.loaded.is_set(),
         "models": {n: "loaded" for n in reg.generators} | {n: "failed" for n in reg.failed},
         "errors": reg.failed,
         "classifier": reg.classifier is not None,

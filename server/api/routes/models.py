@@ -5,13 +5,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, HTTPException
 
-from server.api.deps import StateDep
+from server.api.deps import LoadedStateDep
 
 router = APIRouter(prefix="/v1", tags=["models"])
 
 
 @router.get("/models", summary="Served models: attributes, image size, mask, default, evaluation metrics")
-def list_models(state: StateDep) -> dict[str, Any]:
+def list_models(state: LoadedStateDep) -> dict[str, Any]:
     reg = state.registry
     return {
         "default": reg.default,
@@ -28,7 +28,7 @@ def list_models(state: StateDep) -> dict[str, Any]:
 
 
 @router.post("/models/reload", summary="Reload weights/ and swap models atomically (admin token required)")
-def reload_models(state: StateDep, authorization: Annotated[str | None, Header()] = None) -> dict[str, Any]:
+def reload_models(state: LoadedStateDep, authorization: Annotated[str | None, Header()] = None) -> dict[str, Any]:
     token = state.settings.admin_token
     if not token:
         raise HTTPException(404, "reload is disabled: no admin token is configured")

@@ -1,0 +1,198 @@
+"""Realism measures (matched KID / FID, background change), checkerboard-free up-sampling, and how
+selection and calibration use realism."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.blocks import ResizeConv, UpBlock, resize_weight_from_deconv
+from models.generators import convert_upsampling
+from models.registry import build, get_preset
+from training.evaluation import choose_gain, selection_score
+from training.realism import (
+    FeatureCache,
+    FeatureExtractor,
+    RealismConfig,
+    RealismUnavailableError,
+    SplitFaces,
+    background_change,
+    fid,
+    inception_path,
+    kid,
+    realism_markdown,
+    realism_penalty,
+    realism_report,
+)
+
+
+def _inception_or_skip() -> Path:
+    try:
+        return inception_path()
+    except RealismUnavailableError as exc:  # CI installs it (.ci/setup.sh); a bare checkout may not
+        pytest.skip(str(exc))
+
+
+def _faces(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    """Smooth random colour fields as uint8 (n, 3, size, size)."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, 4, 4, generator=g)
+    img = torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
+    return (img * 255).round().to(torch.uint8)
+
+
+# ------------------------------------------------------------------ KID / FID
+
+
+def test_kid_of_identical_feature_sets_is_zero_in_expectation_and_positive_for_shifted_ones() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(200, 16))
+    same, _ = kid(a, a.copy(), n_subsets=20, subset_size=100)
+    b = rng.normal(size=(200, 16))
+    independent, _ = kid(a, b, n_subsets=20, subset_size=100)
+    shifted, _ = kid(a, b + 1.0, n_subsets=20, subset_size=100)
+    # the unbiased estimator of identical sets is ~0 (not exactly: subsets are drawn independently)
+    assert abs(same) < 0.05 * shifted
+    assert abs(independent) < 0.05 * shifted
+    assert shifted > 0.1
+    assert fid(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert fid(a, b + 1.0) > fid(a, b)
+
+
+def test_inception_kid_sees_noise_and_caches_real_features(tmp_path: Path) -> None:
+    path = _inception_or_skip()
+    torch.manual_seed(0)
+    extractor = FeatureExtractor(path, batch_size=8)
+    images = _faces(12)
+    noisy = (images.float() + torch.randn(images.shape) * 60).clamp(0, 255).to(torch.uint8)
+    cache = FeatureCache(tmp_path / "features", extractor)
+    loads: list[int] = []
+
+    def load(rows: np.ndarray) -> torch.Tensor:
+        loads.append(len(rows))
+        return images[torch.as_tensor(rows)]
+
+    rows = np.arange(12)
+    f_real = cache.features("tiny:test", rows, load)
+    assert f_real.shape == (12, 2048)
+    again = FeatureCache(tmp_path / "features", extractor).features("tiny:test", rows[::-1], load)
+    assert loads == [12]  # the second call read every row from disk
+    np.testing.assert_allclose(again, f_real[::-1])
+    f_same = extractor(images)
+    f_noisy = extractor(noisy)
+    kid_same, _ = kid(f_same, f_real, n_subsets=10, subset_size=12)
+    kid_noisy, _ = kid(f_noisy, f_real, n_subsets=10, subset_size=12)
+    # the unbiased estimator of a set against itself is slightly negative (its diagonal), not exactly 0
+    assert abs(kid_same) < 0.05 * kid_noisy
+    assert kid_noisy > 0.1
+
+
+# ------------------------------------------------------------------ background change
+
+
+def test_background_change_is_exact_on_a_synthetic_edit() -> None:
+    x = torch.zeros(2, 3, 64, 64, dtype=torch.uint8)
+    edit = x.clone()
+    edit[0, :, 16:48, 16:48] = 200  # the face only: corners untouched
+    edit[1, :, :8, :8] = 80  # the whole top-left corner square (side/8 = 8) by 80
+    edit[1, 0, -8:, -8:] = 30  # one channel of the bottom-right square by 30
+    change = background_change(edit, x)
+    assert change[0].item() == 0.0
+    assert change[1].item() == pytest.approx((80 + 30 / 3) / 4)
+    # [-1, 1] floats are quantised to 8 bits first, as a PNG would be
+    assert background_change(edit.float() / 127.5 - 1, x.float() / 127.5 - 1)[1].item() == pytest.approx(22.5)
+
+
+# ------------------------------------------------------------------ up-sampling without checkerboard
+
+
+@pytest.mark.parametrize("norm", ["batch", "none"])
+def test_resize_upsampling_of_a_constant_is_constant(norm: str) -> None:
+    torch.manual_seed(0)
+    block = UpBlock(5, 7, upsample="resize", norm=norm, act="relu").eval()
+    out = block(torch.full((2, 5, 6, 6), 0.7))
+    assert out.shape == (2, 7, 12, 12)
+    spread = (out.amax(dim=(2, 3)) - out.amin(dim=(2, 3))).max().item()
+    assert spread < 1e-5
+    deconv = UpBlock(5, 7, upsample="deconv", norm=norm, act="none").eval()
+    out = deconv(torch.full((2, 5, 6, 6), 0.7))
+    inner = out[..., 2:-2, 2:-2]  # away from the borders, the four phases still differ
+    assert (inner.amax(dim=(2, 3)) - inner.amin(dim=(2, 3))).max().item() > 1e-3
+
+
+def test_fused_resize_conv_equals_nearest_resize_then_3x3_conv() -> None:
+    torch.manual_seed(0)
+    layer = ResizeConv(4, 6)
+    x = torch.randn(3, 4, 7, 5)
+    torch.testing.assert_close(layer(x), layer.reference_forward(x), atol=1e-5, rtol=1e-5)
+
+
+def test_deconv_kernels_convert_to_the_least_squares_resize_kernel() -> None:
+    torch.manual_seed(0)
+    resize = ResizeConv(3, 2, bias=False)
+    # a transposed conv whose four phases come from one 3x3 kernel converts back to that kernel exactly
+    deconv_weight = resize.transposed_kernel().detach()
+    torch.testing.assert_close(resize_weight_from_deconv(deconv_weight), resize.weight.detach(), atol=1e-5, rtol=0)
+
+    arch, cfg = get_preset("stgan-tiny")
+    old = build(arch, dataclasses.replace(cfg, upsample="deconv"))
+    new = build(arch, dataclasses.replace(cfg, upsample="resize"))
+    converted = convert_upsampling(old.state_dict(), new)
+    new.load_state_dict(converted)  # every tensor fits
+    torch.testing.assert_close(converted["encoder.0.0.weight"], old.state_dict()["encoder.0.0.weight"])
+
+
+# ------------------------------------------------------------------ the report on tiny data
+
+
+def test_realism_report_on_a_tiny_model(tmp_path: Path) -> None:
+    path = _inception_or_skip()
+    torch.manual_seed(0)
+    arch, cfg = get_preset("stgan-tiny")
+    gen = build(arch, cfg).eval()
+    attrs = tuple(cfg.attributes)
+    g = torch.Generator().manual_seed(1)
+    faces = SplitFaces("tiny:test", _faces(10).permute(0, 2, 3, 1), torch.randint(0, 2, (10, len(attrs)), generator=g))
+    other = SplitFaces("tiny:val", _faces(10, seed=1).permute(0, 2, 3, 1), torch.randint(0, 2, (10, 13), generator=g))
+    cache = FeatureCache(tmp_path / "f", FeatureExtractor(path, batch_size=32))
+    config = RealismConfig(n_faces=3, n_combined=4, n_subsets=3, batch_size=13)
+    report = realism_report(gen, faces, other, attrs, cache, 1.0, config)
+    assert report["protocol"]["single_edits"] == 3 * len(attrs)
+    assert set(report["kid_x1000_per_attribute"]) == set(attrs)
+    assert report["kid_x1000_worst"] == max(report["kid_x1000_per_attribute"].values())
+    assert "kid_x1000_combined" in report
+    assert "| Bald |" in realism_markdown(report)
+
+
+# ------------------------------------------------------------------ selection and calibration
+
+
+def _val_metrics(edit: float, kid_x1000: float | None = None, background: float = 0.0) -> dict:
+    m = {"psnr": 40.0, "ssim": 0.99, "mean_edit_success": edit, "mean_preservation": 0.95}
+    if kid_x1000 is not None:
+        m["realism"] = {"kid_x1000": kid_x1000, "background_change_worst": background}
+    return m
+
+
+def test_selection_ranks_a_realism_regression_below_a_checkpoint_without_one() -> None:
+    steady = _val_metrics(0.80, kid_x1000=8.0, background=1.0)
+    texture = _val_metrics(0.85, kid_x1000=40.0, background=1.0)  # 5 points more edit success, 5x the KID
+    recolour = _val_metrics(0.85, kid_x1000=8.0, background=30.0)  # same, but the background changes
+    assert selection_score(steady) > selection_score(texture)
+    assert selection_score(steady) > selection_score(recolour)
+    assert realism_penalty(_val_metrics(0.8)) == 0.0  # unmeasured realism changes nothing
+
+
+def test_calibration_does_not_buy_edit_success_with_realism() -> None:
+    rows = [
+        {"edit_gain": 1.5, "mean_edit_success": 0.80, "mean_preservation": 0.95},
+        {"edit_gain": 2.0, "mean_edit_success": 0.84, "mean_preservation": 0.94},
+    ]
+    assert choose_gain(rows, 0.92) == 2.0
+    rows[0]["realism"] = {"kid_x1000": 10.0, "background_change_worst": 1.0}
+    rows[1]["realism"] = {"kid_x1000": 30.0, "background_change_worst": 6.0}
+    assert choose_gain(rows, 0.92) == 1.5
