@@ -200,7 +200,8 @@ def test_classifier_evaluate_and_export(prepared_cache: Path, tmp_path: Path) ->
     torch.testing.assert_close(a[0], b[0], atol=2e-2, rtol=0)  # weights are stored as float16
     torch.testing.assert_close(a[1], b[1], atol=2e-2, rtol=0)
 
-    cli(["evaluate", "--model", str(out), "--cache-dir", str(prepared_cache), "--classifier", str(clf_dir), "--no-amp"])
+    realism = ["--realism-faces", "2", "--realism-combined", "3"]  # a tiny report (tests/test_realism.py)
+    cli(["evaluate", "--model", str(out), "--cache-dir", str(prepared_cache), "--classifier", str(clf_dir), *realism])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_images"] == 6
     assert 0 < metrics["psnr"] < 100 and -1 <= metrics["ssim"] <= 1
@@ -209,6 +210,9 @@ def test_classifier_evaluate_and_export(prepared_cache: Path, tmp_path: Path) ->
     for table in ("edit_success", "preservation", "mask_mean"):
         assert set(metrics[table]) == set(STGAN_ATTRIBUTES)
         assert all(0.0 <= v <= 1.0 for v in metrics[table].values())
+    if metrics.get("realism"):  # present where the Inception weights are installed (CI installs them)
+        assert metrics["realism"]["protocol"]["single_edits"] == 2 * len(STGAN_ATTRIBUTES)
+        assert "matched KID×1000" in (out / "metrics.md").read_text()
     _, info = load_pretrained(out)
     assert info.metrics["test"]["psnr"] == metrics["psnr"]
     assert info.metrics["test"]["edit_gain"] == 1.0
@@ -216,7 +220,7 @@ def test_classifier_evaluate_and_export(prepared_cache: Path, tmp_path: Path) ->
 
     # calibrate the edit gain on val: written into config.json, test metrics at another gain dropped
     cmd = ["calibrate", "--model", str(out), "--cache-dir", str(prepared_cache), "--classifier", str(clf_dir)]
-    cli([*cmd, "--gains", "1,2", "--min-preservation", "0", "--no-amp"])
+    cli([*cmd, "--gains", "1,2", "--min-preservation", "0", "--no-amp", "--realism-faces", "0"])
     _, info = load_pretrained(out)
     calibration = info.metrics["calibration"]
     assert [r["edit_gain"] for r in calibration["rows"]] == [1.0, 2.0]
@@ -226,7 +230,7 @@ def test_classifier_evaluate_and_export(prepared_cache: Path, tmp_path: Path) ->
     card = (out / "card.md").read_text()
     assert f"edit gain ×{info.edit_gain:g}" in card and "← served" in card
     # an impossible preservation bound leaves the gain at 1
-    cli([*cmd, "--gains", "2,3", "--min-preservation", "1.01", "--no-amp"])
+    cli([*cmd, "--gains", "2,3", "--min-preservation", "1.01", "--no-amp", "--realism-faces", "0"])
     assert load_pretrained(out)[1].edit_gain == 1.0
     # re-exporting the same checkpoint keeps its calibration
     doc = json.loads((out / "config.json").read_text())

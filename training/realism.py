@@ -118,6 +118,8 @@ class FeatureCache:
         if path.is_file():
             with np.load(path) as data:
                 known = dict(zip(data["rows"].tolist(), data["features"], strict=True))
+        if len(rows) == 0:
+            return np.zeros((0, 2048))
         want = sorted(set(int(r) for r in rows))
         missing = [r for r in want if r not in known]
         self.hits += len(want) - len(missing)
