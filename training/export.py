@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -13,7 +14,9 @@ import torch
 
 from models.checkpoint import (
     CONFIG_FILE,
+    DISCRIMINATOR_FILE,
     CheckpointError,
+    atomic_save_tensors,
     atomic_write_bytes,
     read_config,
     save_pretrained,
@@ -21,7 +24,7 @@ from models.checkpoint import (
 )
 from training.data import CachedFaces, read_meta
 from training.evaluation import calibration_table, markdown_table
-from training.trainer import ema_generator_from_checkpoint
+from training.trainer import ema_generator_from_checkpoint, read_training_checkpoint
 from training.visualize import edit_grid
 
 log = logging.getLogger(__name__)
@@ -100,6 +103,7 @@ def export_run(
         training=training,
     )
     gen.float()
+    export_discriminator(ckpt, out, train_cfg, gen.config.image_size, dtype)
     if cache_dir is not None:
         write_samples(gen, cache_dir, out / SAMPLES_FILE, n_samples, gain=edit_gain)
     write_card(out)
@@ -107,6 +111,24 @@ def export_run(
     if notify:
         notify_server(notify)
     return out
+
+
+def export_discriminator(
+    ckpt: Path, out: Path, train_cfg: dict[str, Any], image_size: int, dtype: torch.dtype = torch.float16
+) -> Path:
+    """``discriminator.safetensors`` beside the generator: what ``train --init-from weights/<name>``
+    needs to fine-tune without starting D from scratch. Its architecture and config are in the
+    file's metadata; the server never reads it."""
+    from models.registry import config_dict, get_preset
+
+    tensors, _ = read_training_checkpoint(ckpt)
+    d_tensors = {k[2:]: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items() if k.startswith("D.")}
+    arch, dcfg = get_preset(train_cfg["disc_preset"])
+    dcfg = dataclasses.replace(dcfg, n_attrs=len(train_cfg["attributes"]), image_size=image_size)
+    meta = {"format": "pt", "architecture": arch, "config": json.dumps(config_dict(dcfg))}
+    path = out / DISCRIMINATOR_FILE
+    atomic_save_tensors(path, {k: v.contiguous() for k, v in d_tensors.items()}, meta)
+    return path
 
 
 def write_samples(
@@ -165,6 +187,10 @@ def write_card(folder: str | Path) -> None:
         f"λ_rec-raw {tc.get('lambda_rec_raw')}, λ_G-cls {tc.get('lambda_g_cls')}, λ_D-cls {tc.get('lambda_d_cls')}, "
         f"λ_mask-L1 {tc.get('lambda_mask_l1')}, λ_mask-TV {tc.get('lambda_mask_tv')}; Adam lr {tc.get('lr_g')} / "
         f"{tc.get('lr_d')}",
+        f"- realism and locality terms: λ_G-cls on the changed attributes {tc.get('lambda_g_cls_changed', 0.0)}, "
+        f"D-cls class balance cap {tc.get('d_cls_balance_max', 1.0)}, differences scaled by U(1, "
+        f"{tc.get('diff_scale_max', 1.0)}), mask border weight {tc.get('mask_border_weight', 0.0)}; up-sampling "
+        f"`{cfg.get('upsample', 'deconv')}`; precision {tc.get('precision', 'bf16 autocast (amp)')}",
         f"- machine: {tr.get('machine')}",
         f"- checkpoint: `{tr.get('checkpoint')}` (selected on the val split)",
         "- reproduce: `python -m training train --preset "

@@ -1,0 +1,109 @@
+"""Fine-tuning a released model: the release carries its discriminator, ``train --init-from weights/<name>``
+starts from it exactly, and bad input is refused without touching anything."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from models.checkpoint import DISCRIMINATOR_FILE, load_pretrained
+from tests.test_training import tiny_sets
+from training.cli import main as cli
+from training.export import export_run
+from training.options import TrainConfig
+from training.trainer import Trainer
+
+
+@pytest.fixture
+def release(prepared_cache: Path, tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    cli(
+        ["train", "--preset", "stgan-tiny", "--run", str(run), "--max-steps", "2", *tiny_sets(prepared_cache, tmp_path)]
+    )
+    return export_run(run, tmp_path / "weights" / "tiny", checkpoint="last", cache_dir=prepared_cache)
+
+
+def test_export_writes_the_discriminator_in_half_precision(release: Path) -> None:
+    path = release / DISCRIMINATOR_FILE
+    assert path.is_file()
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+        dtypes = {fh.get_tensor(k).dtype for k in fh.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    assert dtypes == {torch.float16}
+    assert meta["architecture"] == "discriminator" and json.loads(meta["config"])["n_attrs"] == 13
+
+
+def _trainer_from_release(release: Path, prepared_cache: Path, tmp_path: Path, *extra: str) -> Trainer:
+    cfg_args = tiny_sets(prepared_cache, tmp_path, *extra)
+    run = tmp_path / "ft"
+    cli(["train", "--run", str(run), "--init-from", str(release), "--max-steps", "0", *cfg_args])
+    from training.trainer import read_training_checkpoint
+
+    _, meta = read_training_checkpoint(run / "checkpoints" / "last.safetensors")
+    trainer = Trainer(TrainConfig.from_dict(json.loads(meta["train_config"])), run)
+    trainer.load_checkpoint(run / "checkpoints" / "last.safetensors")
+    return trainer
+
+
+def test_init_from_a_release_reproduces_its_generator_before_the_first_step(
+    release: Path, prepared_cache: Path, tmp_path: Path
+) -> None:
+    trainer = _trainer_from_release(release, prepared_cache, tmp_path)
+    assert trainer.cfg.init_from == str(release) and trainer.cfg.preset == "stgan-tiny"
+    assert trainer.step == 2  # the release's counters carry on
+    released, _ = load_pretrained(release)
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    c = torch.zeros(3, 13)
+    c[:, 3] = 1
+    with torch.no_grad():
+        want = released.float()(x, c)
+        got = trainer.G_ema.eval()(x, c)
+    torch.testing.assert_close(got[0], want[0], atol=0, rtol=0)
+    torch.testing.assert_close(got[1], want[1], atol=0, rtol=0)
+    # D came from the release too (fp16 values), not from a fresh initialisation
+    with safe_open(str(release / DISCRIMINATOR_FILE), framework="pt") as fh:
+        for key in fh.keys():  # noqa: SIM118
+            torch.testing.assert_close(trainer.D.state_dict()[key], fh.get_tensor(key).float(), atol=0, rtol=0)
+
+
+def test_a_release_without_discriminator_needs_fresh_discriminator(
+    release: Path, prepared_cache: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (release / DISCRIMINATOR_FILE).unlink()
+    run = tmp_path / "ft"
+    args = ["train", "--run", str(run), "--init-from", str(release), "--max-steps", "0"]
+    with pytest.raises(SystemExit) as exc:
+        cli([*args, *tiny_sets(prepared_cache, tmp_path)])
+    assert exc.value.code == 2
+    assert "--fresh-discriminator" in caplog.text and DISCRIMINATOR_FILE in caplog.text
+    assert not run.exists()  # nothing written
+    cli([*args, "--fresh-discriminator", *tiny_sets(prepared_cache, tmp_path)])
+    assert (run / "checkpoints" / "last.safetensors").is_file()
+
+
+def test_a_deconv_release_warm_starts_a_resize_generator(prepared_cache: Path, tmp_path: Path) -> None:
+    import dataclasses
+
+    from models.blocks import resize_weight_from_deconv
+    from models.checkpoint import save_pretrained
+    from models.registry import build, get_preset
+
+    arch, cfg = get_preset("stgan-tiny")
+    old = build(arch, dataclasses.replace(cfg, upsample="deconv"))  # as the first campaign's releases
+    folder = save_pretrained(tmp_path / "old", old, architecture=arch, training={"preset": "stgan-tiny", "steps": 7})
+    run = tmp_path / "ft"
+    override = 'generator_overrides={"upsample": "resize"}'
+    args = ["train", "--run", str(run), "--init-from", str(folder), "--fresh-discriminator", "--max-steps", "0"]
+    cli([*args, *tiny_sets(prepared_cache, tmp_path, override)])
+    from training.trainer import ema_generator_from_checkpoint
+
+    _, new, meta = ema_generator_from_checkpoint(run / "checkpoints" / "last.safetensors")
+    assert new.config.upsample == "resize" and meta["step"] == "7"
+    old_sd, new_sd = old.state_dict(), new.state_dict()
+    torch.testing.assert_close(new_sd["encoder.0.0.weight"], old_sd["encoder.0.0.weight"], atol=0, rtol=0)
+    want = resize_weight_from_deconv(old_sd["to_image.weight"])
+    torch.testing.assert_close(new_sd["to_image.weight"], want, atol=0, rtol=0)
