@@ -107,3 +107,22 @@ def test_a_deconv_release_warm_starts_a_resize_generator(prepared_cache: Path, t
     torch.testing.assert_close(new_sd["encoder.0.0.weight"], old_sd["encoder.0.0.weight"], atol=0, rtol=0)
     want = resize_weight_from_deconv(old_sd["to_image.weight"])
     torch.testing.assert_close(new_sd["to_image.weight"], want, atol=0, rtol=0)
+
+
+def test_prepare_refuses_to_replace_the_cache_of_another_dataset(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.conftest import make_celeba_folder
+
+    first, second = make_celeba_folder(tmp_path / "a"), make_celeba_folder(tmp_path / "b", seed=1)
+    cache = tmp_path / "cache"
+    base = ["prepare", "--cache-dir", str(cache), "--image-size", "32", "--template-samples", "0"]
+    cli([*base, "--data", str(first)])
+    before = (cache / "images.npy").read_bytes()
+    cli([*base, "--data", str(first)])  # the same source again is fine
+    with pytest.raises(SystemExit) as exc:
+        cli([*base, "--data", str(second)])
+    assert exc.value.code == 2 and "--overwrite" in caplog.text and str(first.resolve()) in caplog.text
+    assert (cache / "images.npy").read_bytes() == before  # untouched
+    cli([*base, "--data", str(second), "--overwrite"])
+    assert (cache / "images.npy").read_bytes() != before

@@ -30,10 +30,17 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    from training.data import prepare_cache, read_meta, write_meta
+    from training.data import DatasetError, prepare_cache, read_meta, write_meta
     from training.template import compute_template
 
     if not args.template_only:
+        old = read_meta(args.cache_dir, missing_ok=True)
+        source = str(Path(args.data).resolve())
+        if old and old.get("source") != source and not args.overwrite:
+            raise DatasetError(
+                f"{args.cache_dir} holds the cache of {old.get('source')}, not of {source}: pass another "
+                "--cache-dir (e.g. .cache/datasets/<name>), or --overwrite to replace it"
+            )
         meta = prepare_cache(args.data, args.cache_dir, args.image_size)
         log.info("cache ready in %s: %s", args.cache_dir, meta["counts"])
     if args.template_samples > 0:
@@ -206,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--template-samples", type=int, default=2000, help="training faces for the landmark template (0: skip)"
     )
     s.add_argument("--template-only", action="store_true", help="only (re)compute the template of an existing cache")
+    s.add_argument("--overwrite", action="store_true", help="replace a cache that was prepared from another folder")
     s.set_defaults(func=cmd_prepare)
 
     s = sub.add_parser("train", help="train a GAN preset (resumable)")
