@@ -16,7 +16,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-TARGETS = {"psnr": 30.0, "ssim": 0.93, "mean_edit_success": 0.70, "mean_preservation": 0.90}
+TARGETS = {"psnr": 30.0, "ssim": 0.93, "mean_edit_success": 0.85, "mean_preservation": 0.93}
+#: Realism targets (lower is better): matched KID×1000 pooled / worst attribute / combined, background change.
+REALISM = {"kid_x1000": 10.0, "kid_x1000_worst": 40.0, "kid_x1000_combined": 15.0, "background_change_worst": 3.0}
 
 log = logging.getLogger("readme_results")
 
@@ -28,8 +30,9 @@ def _mark(value: float, key: str) -> str:
 def generator_rows(weights: Path) -> list[str]:
     rows = [
         "| model | training | split | PSNR (≥ 30 dB) | SSIM (≥ 0.93) | decoder-only PSNR | edit gain "
-        "| edit success (≥ 70%) | preservation (≥ 90%) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| edit success (≥ 85%) | preservation (≥ 93%) | matched KID×1000 (≤ 10) | worst attribute (≤ 40) "
+        "| combined edits (≤ 15) | background change (≤ 3) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for config_path in sorted(weights.glob("*/config.json")):
         cfg = json.loads(config_path.read_text())
@@ -56,9 +59,21 @@ def generator_rows(weights: Path) -> list[str]:
             f"| {split} ({m['n_images']}) | {m['psnr']:.2f} dB {_mark(m['psnr'], 'psnr')} "
             f"| {m['ssim']:.3f} {_mark(m['ssim'], 'ssim')} | {raw} | {gain}{at_one} "
             f"| {m['mean_edit_success']:.1%} {_mark(m['mean_edit_success'], 'mean_edit_success')} "
-            f"| {m['mean_preservation']:.1%} {_mark(m['mean_preservation'], 'mean_preservation')} |"
+            f"| {m['mean_preservation']:.1%} {_mark(m['mean_preservation'], 'mean_preservation')} "
+            f"| {realism_cells(m.get('realism'))} |"
         )
     return rows
+
+
+def realism_cells(report: dict | None) -> str:
+    """The four realism cells of a row (from ``python -m training evaluate``'s realism report)."""
+    if not report:
+        return " | ".join(["—"] * len(REALISM))
+    cells = []
+    for key, target in REALISM.items():
+        value = report.get(key)
+        cells.append("—" if value is None else f"{value:.1f} {'✅' if value <= target else '❌'}")
+    return " | ".join(cells)
 
 
 def classifier_line(weights: Path) -> str:

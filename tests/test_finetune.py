@@ -55,6 +55,13 @@ def test_init_from_a_release_reproduces_its_generator_before_the_first_step(
     trainer = _trainer_from_release(release, prepared_cache, tmp_path)
     assert trainer.cfg.init_from == str(release) and trainer.cfg.preset == "stgan-tiny"
     assert trainer.step == 2  # the release's counters carry on
+    # exporting the fine-tune keeps the parent's alignment template when the cache has none
+    doc = json.loads((release / "config.json").read_text())
+    doc["alignment_template"] = {"landmarks": [[0.4, 0.5], [0.6, 0.5], [0.5, 0.6], [0.4, 0.7], [0.6, 0.7]]}
+    (release / "config.json").write_text(json.dumps(doc))
+    child = export_run(tmp_path / "ft", tmp_path / "weights" / "child", checkpoint="last", cache_dir=prepared_cache)
+    assert load_pretrained(child)[1].alignment_template == doc["alignment_template"]
+    assert (child / DISCRIMINATOR_FILE).is_file() and f"`{release}`" in (child / "card.md").read_text()
     released, _ = load_pretrained(release)
     x = torch.rand(3, 3, 32, 32) * 2 - 1
     c = torch.zeros(3, 13)

@@ -60,6 +60,12 @@ def export_run(
     template = None
     if cache_dir is not None:
         template = read_meta(cache_dir, missing_ok=True).get("alignment_template")
+    parent = Path(train_cfg["init_from"]) if train_cfg.get("init_from") else None
+    if template is None and parent is not None and (parent / CONFIG_FILE).is_file():
+        # a fine-tune of a release aligns faces as its parent did
+        template = read_config(parent).get("alignment_template")
+        if template is not None:
+            log.info("alignment template taken from the parent release %s", parent)
     if template is None:
         log.warning("no alignment template in %s: run `python -m training prepare --template-only`", cache_dir)
     step, elapsed, images = int(meta["step"]), float(meta["elapsed_seconds"]), int(meta["images_seen"])
