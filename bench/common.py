@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from models.precision import cpu_has_bf16_units, describe_cpu_bf16
 from training.export import machine_description
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,8 +17,16 @@ PHOTOS = ROOT.parent / "shared" / "photos"
 
 
 def machine() -> str:
-    """The machine line every table carries (the same one model cards use)."""
-    return f"{machine_description()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    """The machine line every table carries (the same one model cards use), with the CPU's bf16 units."""
+    return (
+        f"{machine_description()} ({describe_cpu_bf16()}), torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+
+
+def precisions() -> tuple[str, ...]:
+    """The precisions worth timing here: bf16 only where the CPU has bf16 units (emulated bf16 is ~40x
+    slower than fp32 and a bf16 row would take longer than the whole bench)."""
+    return ("fp32", "bf16") if cpu_has_bf16_units() else ("fp32",)
 
 
 def percentile(values: Sequence[float], q: float) -> float:

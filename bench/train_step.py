@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import machine, table
+from bench.common import machine, precisions, table
 from tests.conftest import make_celeba_folder
 from training.data import prepare_cache
 from training.options import TrainConfig
@@ -44,20 +44,23 @@ def _best_rate(fn: Callable[[], object], flop: float, repeats: int = 7, n: int =
     return flop / best
 
 
-def peak_bf16_flops() -> tuple[float, float]:
-    """(matmul, conv) best achieved bf16 FLOP/s on large, well-shaped problems."""
-    a = torch.randn(2048, 2048, dtype=torch.bfloat16)
-    b = torch.randn(2048, 2048, dtype=torch.bfloat16)
+def peak_flops(dtype: torch.dtype) -> tuple[float, float]:
+    """(matmul, conv) best achieved FLOP/s in ``dtype`` on large, well-shaped problems."""
+    layout = torch.channels_last if dtype == torch.bfloat16 else torch.contiguous_format
+    a = torch.randn(2048, 2048, dtype=dtype)
+    b = torch.randn(2048, 2048, dtype=dtype)
     mm = _best_rate(lambda: a @ b, 2 * 2048**3)
-    x = torch.randn(32, 256, 32, 32, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(256, 256, 3, 3, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(32, 256, 32, 32, dtype=dtype).contiguous(memory_format=layout)
+    w = torch.randn(256, 256, 3, 3, dtype=dtype).contiguous(memory_format=layout)
     conv = _best_rate(lambda: F.conv2d(x, w, padding=1), 2 * 32 * 256 * 32 * 32 * 256 * 9)
     return mm, conv
 
 
 def run(steps: int, batch: int) -> str:
     rows = []
-    peak_mm, peak_conv = peak_bf16_flops()
+    timed = precisions()
+    peak_dtype = "bf16" if "bf16" in timed else "fp32"
+    peak_mm, peak_conv = peak_flops(torch.bfloat16 if peak_dtype == "bf16" else torch.float32)
     peak = max(peak_mm, peak_conv)
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_celeba_folder(Path(tmp) / "data", n=4 * batch, size=128)
@@ -65,12 +68,12 @@ def run(steps: int, batch: int) -> str:
         prepare_cache(folder, cache, image_size=128)
         for preset in ("stgan-cpu", "mugan-cpu"):
             per_precision = {}
-            for amp in (False, True):
+            for precision in timed:
                 cfg = TrainConfig(
                     preset=preset,
                     cache_dir=str(cache),
                     batch_size=batch,
-                    amp=amp,
+                    precision=precision,
                     eval_every=10**9,
                     sample_every=10**9,
                     classifier=str(Path(tmp) / "none"),
@@ -85,15 +88,18 @@ def run(steps: int, batch: int) -> str:
                 for _ in range(steps):
                     trainer.train_step()
                 dt = (time.perf_counter() - t0) / steps
-                per_precision[amp] = batch / dt
-                rows.append(
-                    [preset, "bf16" if amp else "fp32", batch / dt, dt * 1000, flops / 1e9, flops / dt / 1e9, ""]
-                )
-            rows[-1][6] = (
-                f"bf16 {per_precision[True] / per_precision[False]:.2f}x; {rows[-1][5] * 1e9 / peak:.0%} of peak"
+                per_precision[precision] = batch / dt
+                rows.append([preset, precision, batch / dt, dt * 1000, flops / 1e9, flops / dt / 1e9, ""])
+            ratio = (
+                f"bf16 {per_precision['bf16'] / per_precision['fp32']:.2f}x"
+                if "bf16" in per_precision
+                else "bf16 not timed (no bf16 units)"
             )
+            rows[-1][6] = f"{ratio}; {rows[-1][5] * 1e9 / peak:.0%} of the {peak_dtype} peak"
     header = ["preset", "precision", "images/s", "ms/step", "GFLOP/step", "GFLOP/s", "bf16 vs fp32, share of peak"]
-    peak_line = f"Measured bf16 peak: matmul {peak_mm / 1e9:.0f} GFLOP/s, 3x3 conv {peak_conv / 1e9:.0f} GFLOP/s."
+    peak_line = (
+        f"Measured {peak_dtype} peak: matmul {peak_mm / 1e9:.0f} GFLOP/s, 3x3 conv {peak_conv / 1e9:.0f} GFLOP/s."
+    )
     return f"### Training step (batch {batch}, G + D)\n\n{machine()}\n\n{peak_line}\n\n" + table(header, rows) + "\n"
 
 
