@@ -10,8 +10,33 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-ALLOWED_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
-ALLOWED_CONTENT_TYPES = {*ALLOWED_FORMATS.values(), "image/jpg", "application/octet-stream", ""}
+try:  # HEIC / HEIF (iPhone photos): pillow-heif registers itself as a Pillow plugin
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+except ImportError:  # pragma: no cover - a dependency of the project; the server still runs without it
+    pillow_heif = None
+
+#: Pillow format name -> content type of the uploads accepted. AVIF and TIFF are Pillow's own.
+ALLOWED_FORMATS = {
+    "JPEG": "image/jpeg",
+    "PNG": "image/png",
+    "WEBP": "image/webp",
+    "HEIF": "image/heic",
+    "AVIF": "image/avif",
+    "TIFF": "image/tiff",
+}
+ALLOWED_CONTENT_TYPES = {
+    *ALLOWED_FORMATS.values(),
+    "image/jpg",
+    "image/heif",
+    "image/heic-sequence",
+    "image/heif-sequence",
+    "application/octet-stream",
+    "",
+}
+#: For messages: what a user may send.
+ACCEPTED = "JPEG, PNG (8 or 16 bit), WebP, HEIC/HEIF, AVIF or TIFF"
 
 
 class ImageError(Exception):
@@ -23,11 +48,11 @@ class ImageError(Exception):
 
 
 def decode_upload(data: bytes, max_pixels: int, content_type: str | None = None) -> np.ndarray:
-    """Bytes of a JPEG/PNG/WebP -> (H, W, 3) uint8 RGB, upright (EXIF orientation applied)."""
+    """Bytes of an accepted image (see ``ACCEPTED``) -> (H, W, 3) uint8 sRGB, upright (EXIF orientation applied)."""
     if content_type is not None:
         base = content_type.split(";")[0].strip().lower()
         if base not in ALLOWED_CONTENT_TYPES and not base.startswith("image/"):
-            raise ImageError(415, f"unsupported content type {base!r}: send a JPEG, PNG or WebP image")
+            raise ImageError(415, f"unsupported content type {base!r}: send a {ACCEPTED} image")
     if not data:
         raise ImageError(422, "the uploaded file is empty")
     try:
@@ -36,7 +61,7 @@ def decode_upload(data: bytes, max_pixels: int, content_type: str | None = None)
             im = Image.open(io.BytesIO(data))
             fmt = im.format
             if fmt not in ALLOWED_FORMATS:
-                raise ImageError(415, f"unsupported image format {fmt}: send a JPEG, PNG or WebP image")
+                raise ImageError(415, f"unsupported image format {fmt}: send a {ACCEPTED} image")
             if getattr(im, "n_frames", 1) > 1:
                 raise ImageError(415, f"animated {fmt} images are not supported: send a single still image")
             w, h = im.size
@@ -46,7 +71,7 @@ def decode_upload(data: bytes, max_pixels: int, content_type: str | None = None)
                 raise ImageError(422, f"image is {w}x{h}: too small to hold a face")
             im.load()
             im = ImageOps.exif_transpose(im) or im
-            rgb = to_rgb(im)
+            rgb = to_srgb(to_rgb(im), im.info.get("icc_profile"))
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -54,6 +79,20 @@ def decode_upload(data: bytes, max_pixels: int, content_type: str | None = None)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(422, f"not a decodable image ({type(exc).__name__}: {exc})") from None
     return np.asarray(rgb, dtype=np.uint8).copy()
+
+
+def to_srgb(rgb: Image.Image, icc_profile: bytes | None) -> Image.Image:
+    """An RGB image with an embedded colour profile (Display P3 from phones, Adobe RGB from cameras)
+    converted to sRGB, which the models were trained on; without a profile it is taken as sRGB."""
+    if not icc_profile:
+        return rgb
+    try:
+        from PIL import ImageCms
+
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc_profile))
+        return ImageCms.profileToProfile(rgb, source, ImageCms.createProfile("sRGB"), outputMode="RGB") or rgb
+    except (OSError, ValueError, ImportError):  # a broken profile: keep the pixels as they are
+        return rgb
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

@@ -27,6 +27,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,7 +76,11 @@ class FeatureExtractor:
 
     def __init__(self, path: str | Path | None = None, batch_size: int = 25) -> None:
         self.path = Path(path) if path is not None else inception_path()
-        self.network = torch.jit.load(str(self.path), map_location="cpu").eval()
+        with (
+            warnings.catch_warnings()
+        ):  # torch.jit.load is deprecated in favour of torch.export; the wheel ships TorchScript
+            warnings.simplefilter("ignore", FutureWarning)
+            self.network = torch.jit.load(str(self.path), map_location="cpu").eval()
         self.batch_size = batch_size
 
     @torch.no_grad()
@@ -164,10 +169,14 @@ def fid(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     """Fréchet distance of Gaussians fitted to two feature sets (biased at small sizes; KID is not)."""
     mu_a, mu_b = feats_a.mean(0), feats_b.mean(0)
     cov_a, cov_b = np.cov(feats_a, rowvar=False), np.cov(feats_b, rowvar=False)
-    covmean = linalg.sqrtm(cov_a @ cov_b)
+    with warnings.catch_warnings():  # fewer samples than 2048 dimensions: singular covariances, expected
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(cov_a @ cov_b)
     if not np.isfinite(covmean).all():
         offset = np.eye(len(cov_a)) * 1e-6
-        covmean = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", linalg.LinAlgWarning)
+            covmean = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
     covmean = covmean.real
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean))
 

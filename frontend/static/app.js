@@ -299,8 +299,10 @@ function renderFaces() {
 
 function loadFile(file) {
   if (!file) return;
-  if (!/^image\/(jpeg|png|webp)$/.test(file.type)) {
-    showError(`${file.name || "That file"} is not a JPEG, PNG or WebP image.`);
+  const accepted = /^image\/(jpeg|png|webp|heic|heif|avif|tiff)$/.test(file.type) ||
+    /\.(jpe?g|png|webp|heic|heif|avif|tiff?)$/i.test(file.name || "");
+  if (!accepted) {
+    showError(`${file.name || "That file"} is not a JPEG, PNG, WebP, HEIC, AVIF or TIFF image.`);
     return;
   }
   showError("");
@@ -315,7 +317,23 @@ function loadFile(file) {
   $("download").setAttribute("aria-disabled", "true");
   $("download-overlay").setAttribute("aria-disabled", "true");
   $("before").onload = () => renderFaces();
+  // a browser cannot show every upload (HEIC, TIFF): then the server's unedited JPEG stands in
+  $("before").onerror = () => previewFromServer(file);
   scheduleEdit(0);
+}
+
+async function previewFromServer(file) {
+  const form = new FormData();
+  form.append("image", file, file.name || "photo");
+  form.append("edits", "{}");
+  form.append("model", state.model);
+  form.append("image_format", "jpeg");
+  form.append("overlay", "false");
+  const resp = await fetch("/v1/edit", { method: "POST", body: form });
+  if (!resp.ok || state.file !== file) return;
+  const body = await resp.json();
+  $("before").onerror = null;
+  $("before").src = `data:image/jpeg;base64,${body.image}`;
 }
 
 function setupViewControls() {

@@ -51,7 +51,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in {
         413: "upload or image larger than the limits",
-        415: "not a JPEG, PNG or WebP image",
+        415: "not a JPEG, PNG, WebP, HEIC/HEIF, AVIF or TIFF image (the message lists them)",
         404: "photo_id no longer cached: send the image again",
         422: "undecodable image, no face, bad edits, unknown model or face index",
         503: "no model loaded, or the service is saturated (see Retry-After)",
@@ -76,7 +76,8 @@ async def edit(
     service: ServiceDep,
     settings: SettingsDep,
     image: Annotated[
-        UploadFile | None, File(description="the photo: JPEG, PNG or WebP (or send `photo_id` instead)")
+        UploadFile | None,
+        File(description="the photo: JPEG, PNG (8/16 bit), WebP, HEIC/HEIF, AVIF or TIFF (or send `photo_id` instead)"),
     ] = None,
     edits: Annotated[
         str | None,
