@@ -87,6 +87,18 @@ def create_app(settings: Settings | None = None, load_models: bool = True) -> Fa
         pass
     else:
         mount_frontend(app)
+    try:  # the Gradio demo at /gradio (frontend/gradio_app.py), on the same in-process edit service
+        from frontend.gradio_app import mount_gradio
+    except ImportError as exc:  # pragma: no cover - gradio is a dependency; the API serves without it
+        logging.getLogger(__name__).warning("no Gradio page: %s", exc)
+    else:
+        mount_gradio(
+            app,
+            state.service,
+            settings.weights_dir,
+            settings.default_model,
+            lambda: state.loaded.wait(settings.startup_wait_s),
+        )
     return app
 
 
