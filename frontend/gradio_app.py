@@ -18,9 +18,13 @@ import base64
 import io
 import json
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+# no network: Gradio's usage analytics would phone home from a machine that must not
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr
 import numpy as np
