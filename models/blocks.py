@@ -173,17 +173,21 @@ class SelectiveTransferUnit(nn.Module):
         self.reset_gate = nn.Conv2d(2 * enc_ch, enc_ch, kernel, padding=pad)
         self.update_gate = nn.Conv2d(2 * enc_ch, enc_ch, kernel, padding=pad)
         self.hidden = nn.Conv2d(2 * enc_ch, enc_ch, kernel, padding=pad)
-        self.last_gates: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def forward(self, f_enc: torch.Tensor, state: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def gates(
+        self, f_enc: torch.Tensor, state: torch.Tensor, c: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(reset gate r, update gate z, up-sampled state s_hat). Returned, never stored on the module:
+        the server runs one module from several threads."""
         s_hat = self.upsample(cat_condition(state, c))
         both = torch.cat([f_enc, s_hat], dim=1)
-        r = torch.sigmoid(self.reset_gate(both))
-        z = torch.sigmoid(self.update_gate(both))
+        return torch.sigmoid(self.reset_gate(both)), torch.sigmoid(self.update_gate(both)), s_hat
+
+    def forward(self, f_enc: torch.Tensor, state: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r, z, s_hat = self.gates(f_enc, state, c)
         s_new = r * s_hat
         f_hat = torch.tanh(self.hidden(torch.cat([f_enc, s_new], dim=1)))
         f_t = (1 - z) * s_hat + z * f_hat
-        self.last_gates = (r.detach(), z.detach())
         return f_t, s_new
 
 
@@ -198,11 +202,9 @@ class AttentionUNetConnection(nn.Module):
         self.w_g = nn.Sequential(nn.Conv2d(dec_ch, inner_ch, 1, bias=norm == "none"), norm_layer(norm, inner_ch))
         self.w_x = nn.Sequential(nn.Conv2d(enc_ch, inner_ch, 1, bias=norm == "none"), norm_layer(norm, inner_ch))
         self.psi = nn.Sequential(nn.Conv2d(inner_ch, 1, 1, bias=norm == "none"), norm_layer(norm, 1))
-        self.last_psi: torch.Tensor | None = None
 
     def forward(self, x_enc: torch.Tensor, g_dec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         psi = torch.sigmoid(self.psi(F.relu(self.w_g(g_dec) + self.w_x(x_enc))))
-        self.last_psi = psi.detach()
         return x_enc * psi, psi
 
 

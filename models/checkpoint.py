@@ -18,7 +18,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.registry import build, config_dict, get_architecture, parse_config
+from models.config import config_to_dict
+from models.registry import build, get_architecture, parse_config
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -112,7 +113,7 @@ def save_pretrained(
         "name": name or folder.name,
         "architecture": architecture,
         "kind": arch.kind,
-        "config": config_dict(cfg),
+        "config": config_to_dict(cfg),
         "attributes": list(getattr(cfg, "attributes", ())),
         "image_size": cfg.image_size,
         "conditioning": getattr(cfg, "conditioning", None),

@@ -136,7 +136,6 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
-AnyConfig = EncoderDecoderConfig | StarGANConfig | DiscriminatorConfig | ClassifierConfig
 C = TypeVar("C")
 
 

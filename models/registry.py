@@ -19,7 +19,6 @@ from models.config import (
     EncoderDecoderConfig,
     StarGANConfig,
     config_from_dict,
-    config_to_dict,
 )
 from models.discriminator import AttributeClassifier, Discriminator
 from models.generators import EncoderDecoderGenerator, StarGANGenerator
@@ -167,10 +166,6 @@ def build(architecture: str, config: Any) -> nn.Module:
     if not isinstance(config, arch.config_cls):
         raise TypeError(f"{architecture} needs a {arch.config_cls.__name__}, got {type(config).__name__}")
     return arch.build(config)
-
-
-def config_dict(config: Any) -> dict[str, Any]:
-    return config_to_dict(config)
 
 
 def parse_config(architecture: str, data: dict[str, Any]) -> Any:

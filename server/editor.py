@@ -252,7 +252,8 @@ class EditService:
         if not reg.generators:
             raise EditError(503, "no model is loaded (no weights yet): train and export one into weights/")
         if name is None or name == "":
-            assert reg.default is not None
+            if reg.default is None:  # a registry always names a default when it has generators
+                raise EditError(503, "no default model is set: name one with `model`")
             return reg.generators[reg.default]
         if name not in reg.generators:
             raise EditError(422, f"unknown model {name[:60]!r}; known models: {', '.join(reg.generators)}")

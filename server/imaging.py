@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -144,7 +145,17 @@ def b64_image(arr: np.ndarray, image_format: str, quality: int = 90) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-_ENCODERS = ThreadPoolExecutor(2, thread_name_prefix="image-encode")
+_ENCODERS: ThreadPoolExecutor | None = None
+_ENCODERS_LOCK = threading.Lock()
+
+
+def _encoders() -> ThreadPoolExecutor:
+    """The two encoding threads, started on first use (not at import)."""
+    global _ENCODERS
+    with _ENCODERS_LOCK:
+        if _ENCODERS is None:
+            _ENCODERS = ThreadPoolExecutor(2, thread_name_prefix="image-encode")
+        return _ENCODERS
 
 
 def b64_images(arrays: list[np.ndarray], image_format: str, quality: int = 90) -> list[str]:
@@ -152,4 +163,4 @@ def b64_images(arrays: list[np.ndarray], image_format: str, quality: int = 90) -
     photo and its overlay are encoded on two cores (a 2048-px PNG takes ~200 ms on one)."""
     if len(arrays) < 2:
         return [b64_image(a, image_format, quality) for a in arrays]
-    return list(_ENCODERS.map(lambda a: b64_image(a, image_format, quality), arrays))
+    return list(_encoders().map(lambda a: b64_image(a, image_format, quality), arrays))

@@ -19,12 +19,6 @@ from server.faces import DEFAULT_TEMPLATE
 log = logging.getLogger(__name__)
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 @dataclass
 class ServedGenerator:
     name: str

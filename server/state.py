@@ -8,11 +8,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from models.device import pick_device
 from server.compute import ComputePool
 from server.config import Settings
 from server.editor import Admission, EditService
 from server.faces import FaceDetector
-from server.registry import ModelRegistry, pick_device
+from server.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 

@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+import pytest
 from PIL import Image
 
 from tests.server_utils import PHOTOS, live_server, make_weights, rss_mb
@@ -50,6 +51,7 @@ async def _client(url: str, k: int, deadline: float, budget: list[int], statuses
             i += 1
 
 
+@pytest.mark.slow
 def test_32_clients_for_30_seconds(tmp_path: Path) -> None:
     weights = make_weights(tmp_path / "w")
     with live_server(weights, max_concurrent="2", max_queue="8", cache_size="8") as (url, proc):

@@ -92,7 +92,7 @@ def test_stu_shapes_and_gate_ranges() -> None:
     c = torch.tensor([[1.0, 0, -1, 0], [0, 0, 0, 1]])
     f_t, s_new = stu(f_enc, state, c)
     assert f_t.shape == (2, 6, 8, 8) and s_new.shape == (2, 6, 8, 8)
-    r, z = stu.last_gates
+    r, z, _ = stu.gates(f_enc, state, c)
     for gate in (r, z):
         assert float(gate.min()) > 0 and float(gate.max()) < 1
     # f_t is a convex combination of s_hat and tanh(...): with z -> 0 it equals s_hat

@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from models.precision import resolve_precision
@@ -55,6 +56,6 @@ def test_no_bf16_trial_at_start_up_without_bf16_units(tmp_path: Path, monkeypatc
     import server.registry as registry
 
     monkeypatch.setattr(registry, "device_has_bf16_units", lambda device: False)
-    reg = ModelRegistry.load(make_weights(tmp_path / "w"), registry.pick_device("cpu"), precision="auto")
+    reg = ModelRegistry.load(make_weights(tmp_path / "w"), torch.device("cpu"), precision="auto")
     served = reg.generators["stgan"]
     assert served.precision == "fp32" and served.speedup_bf16 is None  # no timing trial ran

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from models.checkpoint import save_pretrained
+from models.device import pick_device
 from models.registry import build, get_preset
 from training.data import CachedFaces, StepSampler, read_meta, step_generator
-from training.trainer import pick_device
 
 log = logging.getLogger(__name__)
 

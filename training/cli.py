@@ -93,7 +93,8 @@ def release_train_config(folder: Path, data: dict[str, Any]) -> dict[str, Any]:
     preset (unless one is given), and, as generator overrides, every field of its generator config
     that differs from that preset, except those the caller overrides explicitly."""
     from models.checkpoint import read_config
-    from models.registry import config_dict, get_preset
+    from models.config import config_to_dict
+    from models.registry import get_preset
 
     doc = read_config(folder)
     data = dict(data)
@@ -102,8 +103,8 @@ def release_train_config(folder: Path, data: dict[str, Any]) -> dict[str, Any]:
         raise SystemExit(f"{folder}: its config.json names no training preset; pass --preset")
     data["preset"] = preset
     _, preset_cfg = get_preset(preset)
-    defaults = config_dict(preset_cfg)
-    release_cfg = config_dict(parse_release_config(doc))
+    defaults = config_to_dict(preset_cfg)
+    release_cfg = config_to_dict(parse_release_config(doc))
     explicit = dict(data.get("generator_overrides") or {})
     inherited = {k: v for k, v in release_cfg.items() if k != "attributes" and defaults.get(k) != v}
     data["generator_overrides"] = inherited | explicit
@@ -151,8 +152,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def _amp(args: argparse.Namespace) -> bool:
     """bf16 autocast for this command: ``--precision`` (auto: only where the device has bf16 units)."""
+    from models.device import pick_device
     from models.precision import resolve_precision
-    from training.trainer import pick_device
 
     precision = resolve_precision(args.precision, pick_device("auto"))
     log.info("precision %s -> %s", args.precision, precision)

@@ -9,12 +9,13 @@ from pathlib import Path
 import torch
 
 from models.checkpoint import CONFIG_FILE, load_pretrained, read_config, write_config
+from models.device import pick_device
 from models.generators import AttributeGenerator
 from training.data import CachedFaces
 from training.evaluation import choose_gain, evaluate_generator, markdown_table
 from training.export import SAMPLES_FILE, update_metrics, write_card, write_samples
 from training.realism import RealismConfig, RealismUnavailableError, realism_on_split
-from training.trainer import ema_generator_from_checkpoint, pick_device
+from training.trainer import ema_generator_from_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -125,13 +125,14 @@ def export_discriminator(
     """``discriminator.safetensors`` beside the generator: what ``train --init-from weights/<name>``
     needs to fine-tune without starting D from scratch. Its architecture and config are in the
     file's metadata; the server never reads it."""
-    from models.registry import config_dict, get_preset
+    from models.config import config_to_dict
+    from models.registry import get_preset
 
     tensors, _ = read_training_checkpoint(ckpt)
     d_tensors = {k[2:]: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items() if k.startswith("D.")}
     arch, dcfg = get_preset(train_cfg["disc_preset"])
     dcfg = dataclasses.replace(dcfg, n_attrs=len(train_cfg["attributes"]), image_size=image_size)
-    meta = {"format": "pt", "architecture": arch, "config": json.dumps(config_dict(dcfg))}
+    meta = {"format": "pt", "architecture": arch, "config": json.dumps(config_to_dict(dcfg))}
     path = out / DISCRIMINATOR_FILE
     atomic_save_tensors(path, {k: v.contiguous() for k, v in d_tensors.items()}, meta)
     return path

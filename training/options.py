@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from models.attributes import STGAN_ATTRIBUTES
@@ -108,7 +106,3 @@ class TrainConfig:
         cfg = config_from_dict(cls, data)
         cfg.generator_overrides = dict(overrides)
         return cfg
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> TrainConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))

@@ -35,9 +35,10 @@ from models.checkpoint import (
     load_pretrained,
     read_config,
 )
+from models.config import config_to_dict
 from models.generators import AttributeGenerator, convert_upsampling
 from models.precision import autocast, describe_cpu_bf16, resolve_precision
-from models.registry import build, config_dict, get_preset, parse_config
+from models.registry import build, get_preset, parse_config
 from training import distributed, losses
 from training.data import CachedFaces, StepSampler, step_generator
 from training.evaluation import evaluate_generator, selection_score
@@ -47,12 +48,6 @@ from training.visualize import edit_grid
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "face-attr-training-checkpoint/1"
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def build_generator(cfg: TrainConfig) -> tuple[str, AttributeGenerator]:
@@ -324,7 +319,7 @@ class Trainer:
             "format": CHECKPOINT_FORMAT,
             "train_config": json.dumps(self.cfg.to_dict()),
             "architecture": self.arch,
-            "generator_config": json.dumps(config_dict(self.G.config)),
+            "generator_config": json.dumps(config_to_dict(self.G.config)),
             "step": str(self.step),
             "precision": self.precision,
             "elapsed_seconds": repr(self.elapsed),
