@@ -147,6 +147,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         gain=args.gain,
         realism_faces=args.realism_faces,
         realism_combined=args.realism_combined,
+        realism_only=args.realism_only,
     )
 
 
@@ -267,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gain", type=float, help="edit gain to evaluate at (default: the model's own)")
     s.add_argument("--realism-faces", type=int, default=60, help="faces for the realism report (0: none)")
     s.add_argument("--realism-combined", type=int, default=120, help="combined edits in the realism report")
+    s.add_argument(
+        "--realism-only",
+        action="store_true",
+        help="only add the realism report to a released model's recorded test metrics (no classifier run)",
+    )
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser(

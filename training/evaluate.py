@@ -51,6 +51,7 @@ def evaluate_command(
     gain: float | None = None,
     realism_faces: int = 60,
     realism_combined: int = 120,
+    realism_only: bool = False,
 ) -> dict:
     """Evaluate at ``gain`` (default: the model's own edit gain). Only a full test-split run at the
     model's own gain is recorded in its config.json and card. ``realism_faces`` > 0 adds the
@@ -59,6 +60,8 @@ def evaluate_command(
     gen, own_gain = load_generator(model)
     gen = gen.to(device)
     gain = own_gain if gain is None else gain
+    if realism_only:
+        return _realism_only(model, gen, cache_dir, split, gain, realism_faces, realism_combined, amp)
     attributes = tuple(gen.config.attributes)
     clf, clf_attrs = _classifier(classifier, device)
     data = CachedFaces(cache_dir, split, attributes, limit=limit)
@@ -79,6 +82,23 @@ def evaluate_command(
         update_metrics(model, "test", metrics)
     log.info("\n%s", markdown_table(metrics))
     return metrics
+
+
+def _realism_only(
+    model: str, gen: AttributeGenerator, cache_dir: str, split: str, gain: float, faces: int, combined: int, amp: bool
+) -> dict:
+    """Add the realism report to a released model's recorded test metrics (measured at the same gain)
+    without re-running the classifier's evaluation."""
+    folder = Path(model)
+    recorded = (read_config(folder).get("metrics") or {}).get("test") if folder.is_dir() else None
+    if split != "test" or recorded is None or recorded.get("edit_gain", 1.0) != gain:
+        raise SystemExit("--realism-only adds to a released model's test metrics at its own gain: run evaluate first")
+    report = _realism(gen, cache_dir, split, gain, RealismConfig(n_faces=faces, n_combined=combined), amp)
+    if report is None:
+        raise SystemExit("no realism report: the Inception weights are missing")
+    update_metrics(folder, "test", recorded | {"realism": report})
+    log.info("\n%s", markdown_table(recorded | {"realism": report}))
+    return report
 
 
 def _realism(
