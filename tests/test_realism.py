@@ -196,3 +196,17 @@ def test_calibration_does_not_buy_edit_success_with_realism() -> None:
     rows[0]["realism"] = {"kid_x1000": 10.0, "background_change_worst": 1.0}
     rows[1]["realism"] = {"kid_x1000": 30.0, "background_change_worst": 6.0}
     assert choose_gain(rows, 0.92) == 1.5
+
+
+def test_the_background_loss_sees_changes_off_the_face_only() -> None:
+    from training.losses import background_change, background_map
+
+    weight = background_map(32)
+    assert weight[0, 0, 16, 16] == 0 and weight[0, 0, 0, 0] == 1 and weight[0, 0, -1, -1] == 1
+    x = torch.zeros(1, 3, 32, 32)
+    face_edit = x.clone()
+    face_edit[..., 10:22, 10:22] = 1.0  # the middle of the crop
+    corner_edit = x.clone()
+    corner_edit[..., :4, :4] = 1.0
+    assert background_change(face_edit, x, weight)[0].item() == 0.0
+    assert background_change(corner_edit, x, weight)[0].item() > 0.01

@@ -92,6 +92,22 @@ def border_weight_map(size: int, border_weight: float) -> torch.Tensor:
     return (1.0 + border_weight * r2).view(1, 1, size, size)
 
 
+def background_map(size: int, inner: float = 0.55, ramp: float = 0.3) -> torch.Tensor:
+    """(1, 1, size, size) weights that are 0 over the face and rise to 1 towards the crop's borders:
+    ``clamp((r - inner) / ramp, 0, 1)``, r the distance from the centre scaled to 1 at the corners
+    (the middle of an edge is at 0.71). In CelebA-HQ's alignment the borders hold background."""
+    axis = torch.linspace(-1.0, 1.0, size)
+    yy, xx = torch.meshgrid(axis, axis, indexing="ij")
+    r = ((xx**2 + yy**2) / 2.0).sqrt()
+    return ((r - inner) / ramp).clamp(0.0, 1.0).view(1, 1, size, size)
+
+
+def background_change(x_fake: torch.Tensor, x_real: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, Logs]:
+    """Mean |edit − input| weighted by :func:`background_map`: what an edit changes off the face."""
+    loss = ((x_fake.float() - x_real.float()).abs() * weight.to(x_fake.device)).mean()
+    return loss, {"g_background": loss.item()}
+
+
 def mask_regularisation(
     mask: torch.Tensor, edited: torch.Tensor, floor: float, weight_map: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Logs]:

@@ -57,6 +57,9 @@ class TrainConfig:
     diff_scale_max: float = 1.0
     lambda_mask_l1: float = 0.2
     lambda_mask_tv: float = 1.0
+    #: L1 of the edit's change off the face (losses.background_map: 0 on the face, 1 at the crop's
+    #: borders), so colour edits do not recolour the background; 0 turns it off.
+    lambda_background: float = 0.0
     #: The mask's L1 is weighted 1 + w * r^2 (r: distance from the crop's centre, 1 at the corners),
     #: so opening the mask over the background (corners, borders of the aligned crop) costs more.
     mask_border_weight: float = 0.0

@@ -155,6 +155,7 @@ class Trainer:
             if cfg.mask_border_weight > 0
             else None
         )
+        self.background_weight = losses.background_map(self.G.config.image_size).to(self.device)
         self.step = 0
         self.elapsed = 0.0
         self.images_seen = 0
@@ -267,6 +268,10 @@ class Trainer:
         g_rec, lg = losses.reconstruction_l1(x_rec, x_real)
         logs |= lg
         g_loss = g_adv + cfg.lambda_g_cls * g_cls + cfg.lambda_rec * g_rec
+        if cfg.lambda_background > 0:
+            g_bg, lg = losses.background_change(x_fake, x_real, self.background_weight)
+            logs |= lg
+            g_loss = g_loss + cfg.lambda_background * g_bg
         if cfg.lambda_g_cls_changed > 0:
             g_cls_changed, lg = losses.changed_attribute_bce(fake_cls, c_trg, c_src)
             logs |= lg
