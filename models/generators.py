@@ -214,3 +214,33 @@ def convert_upsampling(state_dict: dict[str, torch.Tensor], target: nn.Module) -
         if weight is not None and weight.dim() == 4 and weight.shape[2:] == (4, 4):
             out[key] = resize_weight_from_deconv(weight)
     return out
+
+
+def grow_state_dict(
+    state_dict: dict[str, torch.Tensor], target: nn.Module, n_old: int, n_new: int
+) -> dict[str, torch.Tensor]:
+    """A state dict for ``target``, a network like the one ``state_dict`` came from but conditioned on
+    (or classifying) ``n_new`` attributes where it had ``n_old``, the new ones appended after the old.
+
+    Every tensor whose shape differs only by ``n_new - n_old`` in one dimension is the weight of an
+    input that carries the condition (tiled attribute channels come last in every concatenation) or
+    of an attribute head (one row per attribute): the old values keep their places and the new
+    attributes' slots start at **zero**, so at step 0 the grown network computes exactly what the old
+    one did for the old attributes, whatever the new attributes' inputs. Anything else must match.
+    """
+    grown = n_new - n_old
+    out: dict[str, torch.Tensor] = {}
+    for key, want in target.state_dict().items():
+        have = state_dict.get(key)
+        if have is None:
+            raise ValueError(f"{key}: missing from the network being grown")
+        if have.shape == want.shape:
+            out[key] = have
+            continue
+        diff = [d for d in range(want.dim()) if want.shape[d] != have.shape[d]]
+        if have.dim() != want.dim() or len(diff) != 1 or want.shape[diff[0]] - have.shape[diff[0]] != grown:
+            raise ValueError(f"{key}: shape {tuple(have.shape)} cannot grow to {tuple(want.shape)}")
+        new = torch.zeros(want.shape, dtype=have.dtype)
+        new.narrow(diff[0], 0, have.shape[diff[0]]).copy_(have)
+        out[key] = new
+    return out

@@ -37,10 +37,13 @@ def test_export_writes_the_discriminator_in_half_precision(release: Path) -> Non
     assert meta["architecture"] == "discriminator" and json.loads(meta["config"])["n_attrs"] == 13
 
 
-def _trainer_from_release(release: Path, prepared_cache: Path, tmp_path: Path, *extra: str) -> Trainer:
-    cfg_args = tiny_sets(prepared_cache, tmp_path, *extra)
+def _trainer_from_release(
+    release: Path, prepared_cache: Path, tmp_path: Path, *sets: str, args: tuple[str, ...] = ()
+) -> Trainer:
+    """A run started from ``release`` (no step taken), loaded back from its checkpoint."""
+    cfg_args = tiny_sets(prepared_cache, tmp_path, *sets)
     run = tmp_path / "ft"
-    cli(["train", "--run", str(run), "--init-from", str(release), "--max-steps", "0", *cfg_args])
+    cli(["train", "--run", str(run), "--init-from", str(release), "--max-steps", "0", *args, *cfg_args])
     from training.trainer import read_training_checkpoint
 
     _, meta = read_training_checkpoint(run / "checkpoints" / "last.safetensors")
@@ -133,3 +136,46 @@ def test_prepare_refuses_to_replace_the_cache_of_another_dataset(
     assert (cache / "images.npy").read_bytes() == before  # untouched
     cli([*base, "--data", str(second), "--overwrite"])
     assert (cache / "images.npy").read_bytes() != before
+
+
+def test_add_attributes_keeps_the_old_edits_at_step_0(release: Path, prepared_cache: Path, tmp_path: Path) -> None:
+    trainer = _trainer_from_release(release, prepared_cache, tmp_path, args=("--add-attributes", "Smiling,Wavy_Hair"))
+    assert trainer.cfg.attributes[-2:] == ("Smiling", "Wavy_Hair") and len(trainer.cfg.attributes) == 15
+    released, _ = load_pretrained(release)
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    c_old = torch.zeros(3, 13)
+    c_old[:, 3], c_old[1, 7] = 1.0, -1.0
+    c_new = torch.cat([c_old, torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, -1.0]])], dim=1)
+    with torch.no_grad():
+        want = released.float()(x, c_old)
+        got = trainer.G_ema.eval()(x, c_new)  # the new attributes' inputs have zero weights
+    torch.testing.assert_close(got[0], want[0], atol=0, rtol=0)
+    # D's head grew by two rows, zero: the old attributes' logits are unchanged
+    head = trainer.D.cls_head[-1]
+    assert head.weight.shape[0] == 15 and not head.weight[13:].any() and not head.bias[13:].any()
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--add-attributes", "Bald"], "already edited"),
+        (["--add-attributes", "Sunglasses"], "unknown attribute"),
+        (["--set", "cache_dir={other}"], "px"),  # a dataset of another resolution
+    ],
+)
+def test_bad_fine_tunes_are_refused_and_nothing_is_written(
+    release: Path, prepared_cache: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, extra: list[str], needle: str
+) -> None:
+    from tests.conftest import make_celeba_folder
+    from training.data import prepare_cache
+
+    other = tmp_path / "cache64"
+    if "px" in needle:
+        prepare_cache(make_celeba_folder(tmp_path / "big", size=64), other, image_size=64)
+    extra = [e.replace("{other}", str(other)) for e in extra]
+    run = tmp_path / "ft"
+    before = sorted(p.name for p in release.iterdir())
+    with pytest.raises(SystemExit) as exc:
+        cli(["train", "--run", str(run), "--init-from", str(release), *tiny_sets(prepared_cache, tmp_path), *extra])
+    assert needle in (str(exc.value.code) + caplog.text)
+    assert not run.exists() and sorted(p.name for p in release.iterdir()) == before

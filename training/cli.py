@@ -71,8 +71,11 @@ def cmd_train(args: argparse.Namespace) -> None:
         if args.preset:
             data["preset"] = args.preset
         data |= overrides
+        add = [a.strip() for a in (args.add_attributes or "").split(",") if a.strip()]
+        if add and not (args.init_from and Path(args.init_from).is_dir()):
+            raise SystemExit("--add-attributes extends a released model: use it with --init-from weights/<name>")
         if args.init_from and Path(args.init_from).is_dir():
-            data = release_train_config(Path(args.init_from), data)
+            data = release_train_config(Path(args.init_from), data, add)
         cfg = TrainConfig.from_dict(data)
     if args.threads:
         cfg.threads = args.threads
@@ -88,7 +91,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     trainer.fit(max_minutes=args.max_minutes, max_steps=args.max_steps)
 
 
-def release_train_config(folder: Path, data: dict[str, Any]) -> dict[str, Any]:
+def release_train_config(folder: Path, data: dict[str, Any], add_attributes: list[str] | None = None) -> dict[str, Any]:
     """The TrainConfig fields that make a run build the network of the release in ``folder``: its
     preset (unless one is given), and, as generator overrides, every field of its generator config
     that differs from that preset, except those the caller overrides explicitly."""
@@ -109,6 +112,17 @@ def release_train_config(folder: Path, data: dict[str, Any]) -> dict[str, Any]:
     inherited = {k: v for k, v in release_cfg.items() if k != "attributes" and defaults.get(k) != v}
     data["generator_overrides"] = inherited | explicit
     data.setdefault("attributes", release_cfg["attributes"])
+    if add_attributes:
+        from models.attributes import validate_attributes
+
+        try:
+            validate_attributes(add_attributes)
+        except ValueError as exc:
+            raise SystemExit(f"--add-attributes: {exc}; nothing written") from None
+        present = [a for a in add_attributes if a in data["attributes"]]
+        if present:
+            raise SystemExit(f"--add-attributes: {', '.join(present)} already edited by {folder}; nothing written")
+        data["attributes"] = [*data["attributes"], *add_attributes]
     return data
 
 
@@ -234,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CHECKPOINT",
         help="start a new run from another run's networks (a training .safetensors) or from a released "
         "model folder (weights/<name>); ignored when resuming",
+    )
+    s.add_argument(
+        "--add-attributes",
+        metavar="A,B",
+        help="with --init-from a release: also learn these attributes (CelebA names); the generator's "
+        "conditioning inputs and D's attribute head grow, the new weights starting at zero",
     )
     s.add_argument(
         "--fresh-discriminator",

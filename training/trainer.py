@@ -36,11 +36,11 @@ from models.checkpoint import (
     read_config,
 )
 from models.config import config_to_dict
-from models.generators import AttributeGenerator, convert_upsampling
+from models.generators import AttributeGenerator, convert_upsampling, grow_state_dict
 from models.precision import autocast, describe_cpu_bf16, resolve_precision
 from models.registry import build, get_preset, parse_config
 from training import distributed, losses
-from training.data import CachedFaces, StepSampler, step_generator
+from training.data import CachedFaces, DatasetError, StepSampler, step_generator
 from training.evaluation import evaluate_generator, selection_score
 from training.options import TrainConfig
 from training.visualize import edit_grid
@@ -144,7 +144,7 @@ class Trainer:
         self.train_set = CachedFaces(cfg.cache_dir, "train", tuple(cfg.attributes))
         self.val_set = CachedFaces(cfg.cache_dir, "val", tuple(cfg.attributes), limit=cfg.eval_images)
         if self.train_set.image_size != self.G.config.image_size:
-            raise ValueError(
+            raise DatasetError(
                 f"cache images are {self.train_set.image_size} px but the model expects {self.G.config.image_size}"
             )
         self.sampler = StepSampler(len(self.train_set), cfg.batch_size, cfg.seed)
@@ -394,6 +394,16 @@ class Trainer:
         if getattr(self.G.config, "upsample", "deconv") == "resize":
             tensors = convert_upsampling(tensors, self.G)
         tensors = {k: v.float() for k, v in tensors.items()}
+        old_attrs = tuple(doc.get("attributes") or doc["config"]["attributes"])
+        new_attrs = tuple(self.cfg.attributes)
+        grow = len(new_attrs) > len(old_attrs)
+        if new_attrs[: len(old_attrs)] != old_attrs:
+            raise CheckpointError(
+                f"{folder}: the run's attributes must start with the release's ({', '.join(old_attrs)}), "
+                "new ones appended (--add-attributes)"
+            )
+        if grow:  # --add-attributes: the new conditioning inputs and D's new head rows start at zero
+            tensors = grow_state_dict(tensors, self.G, len(old_attrs), len(new_attrs))
         for module in (self.G, self.G_ema):
             try:
                 check_state_dict(module.state_dict(), tensors)
@@ -402,6 +412,8 @@ class Trainer:
             module.load_state_dict(tensors)
         if d_path.is_file():
             d_tensors = {k: v.float() for k, v in _read_tensors(d_path).items()}
+            if grow:
+                d_tensors = grow_state_dict(d_tensors, self.D, len(old_attrs), len(new_attrs))
             try:
                 check_state_dict(self.D.state_dict(), d_tensors)
             except CheckpointError as exc:
