@@ -179,3 +179,56 @@ def test_bad_fine_tunes_are_refused_and_nothing_is_written(
         cli(["train", "--run", str(run), "--init-from", str(release), *tiny_sets(prepared_cache, tmp_path), *extra])
     assert needle in (str(exc.value.code) + caplog.text)
     assert not run.exists() and sorted(p.name for p in release.iterdir()) == before
+
+
+def test_fine_tune_with_an_added_attribute_reaches_a_live_editor(
+    release: Path, prepared_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A release served live; a fine-tune adding Smiling is exported with --notify: the editor's API lists
+    the new slider, edits with it, and the old sliders give the same image as before at step 0."""
+    import base64
+    import shutil
+
+    import httpx
+
+    from tests.server_utils import PHOTOS, live_server, make_weights
+
+    weights = make_weights(tmp_path / "served", generators=())  # the classifier only
+    shutil.copytree(release, weights / "tiny")
+    crop = io_png(PHOTOS / "portrait-2.jpg")
+    monkeypatch.setenv("FACE_EDITOR_ADMIN_TOKEN", "s3cret")
+    with live_server(weights, admin_token="s3cret") as (url, _):
+
+        def edit(edits: str) -> httpx.Response:
+            files = {"image": ("c.png", crop, "image/png")}
+            data = {"edits": edits, "aligned": "true", "model": "tiny", "image_format": "png"}
+            return httpx.post(f"{url}/v1/edit", files=files, data=data, timeout=60)
+
+        def attributes() -> list[str]:
+            models = httpx.get(f"{url}/v1/models", timeout=30).json()["models"]
+            return next(m for m in models if m["name"] == "tiny")["attributes"]
+
+        before = edit('{"Young": 1}').json()["image"]
+        run = tmp_path / "ft"
+        base = ["train", "--run", str(run), "--init-from", str(weights / "tiny"), "--add-attributes", "Smiling"]
+        cli([*base, "--max-steps", "0", *tiny_sets(prepared_cache, tmp_path)])
+        notify = ["--notify", f"{url}/v1/models/reload"]
+        cli(["export", "--run", str(run), "--out", str(weights / "tiny"), "--checkpoint", "last", *notify])
+        assert attributes()[-1] == "Smiling" and len(attributes()) == 14
+        assert edit('{"Young": 1}').json()["image"] == before  # step 0: the old edits are unchanged
+        # two steps of fine-tuning, exported again: the new slider edits
+        cli(["train", "--run", str(run), "--resume", "--max-steps", "2"])
+        cli(["export", "--run", str(run), "--out", str(weights / "tiny"), "--checkpoint", "last", *notify])
+        resp = edit('{"Smiling": 1}')
+        assert resp.status_code == 200, resp.text
+        assert base64.b64decode(resp.json()["image"])[:4] == b"\x89PNG"
+
+
+def io_png(path: Path) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.open(path).convert("RGB").resize((32, 32)).save(buf, format="PNG")
+    return buf.getvalue()
