@@ -232,3 +232,30 @@ def io_png(path: Path) -> bytes:
     buf = io.BytesIO()
     Image.open(path).convert("RGB").resize((32, 32)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_fine_tune_on_your_own_folder_without_a_partition_file(
+    release: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.conftest import make_celeba_folder
+    from tests.test_training import TINY_SETTINGS
+
+    mine = make_celeba_folder(tmp_path / "my-faces", n=40)
+    (mine / "list_eval_partition.txt").unlink()
+    monkeypatch.chdir(tmp_path)
+    sets = [x for s in [*TINY_SETTINGS, f"classifier={tmp_path}/none"] for x in ("--set", s)]
+    base = ["train", "--init-from", str(release), "--data", str(mine), "--max-steps", "1", *sets]
+    cli([*base, "--run", str(tmp_path / "a")])
+    cache = tmp_path / ".cache" / "datasets" / "my-faces"
+    meta = json.loads((cache / "meta.json").read_text())
+    assert meta["source"] == str(mine.resolve()) and "hashes" in meta["split_source"]
+    assert sum(meta["counts"].values()) == 40 and meta["counts"]["train"] > 0
+    stamp = (cache / "images.npy").stat().st_mtime_ns
+    cli([*base, "--run", str(tmp_path / "b")])  # the recorded split and cache are reused
+    assert (cache / "images.npy").stat().st_mtime_ns == stamp
+
+    big = make_celeba_folder(tmp_path / "big-faces", size=64)
+    with pytest.raises(SystemExit):
+        cli(["train", "--init-from", str(release), "--data", str(big), "--run", str(tmp_path / "c"), *sets])
+    assert "64x64" in caplog.text and not (tmp_path / "c").exists()
+    assert not (tmp_path / ".cache" / "datasets" / "big-faces").exists()

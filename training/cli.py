@@ -70,6 +70,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         data = json.loads(Path(args.config).read_text()) if args.config else {}
         if args.preset:
             data["preset"] = args.preset
+        if args.data:  # the user's own CelebA-format folder, with a cache of its own
+            data["data"] = args.data
+            data["cache_dir"] = str(Path(".cache/datasets") / Path(args.data).resolve().name)
         data |= overrides
         add = [a.strip() for a in (args.add_attributes or "").split(",") if a.strip()]
         if add and not (args.init_from and Path(args.init_from).is_dir()):
@@ -79,6 +82,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         cfg = TrainConfig.from_dict(data)
     if args.threads:
         cfg.threads = args.threads
+    if args.data and not (args.resume and ckpt.is_file()):
+        ensure_cache(cfg)
     trainer = Trainer(cfg, run_dir)
     if args.resume and ckpt.is_file():
         trainer.load_checkpoint(ckpt)
@@ -89,6 +94,33 @@ def cmd_train(args: argparse.Namespace) -> None:
     n_params = sum(p.numel() for p in trainer.G.parameters())
     log.info("generator %s: %.2fM parameters; torch threads %d", cfg.preset, n_params / 1e6, torch.get_num_threads())
     trainer.fit(max_minutes=args.max_minutes, max_steps=args.max_steps)
+
+
+def ensure_cache(cfg: Any) -> None:
+    """Prepare ``cfg.data`` into ``cfg.cache_dir`` on first use; refuse a cache of another folder and
+    images that are not at the model's resolution (nothing is written then)."""
+    from PIL import Image
+
+    from models.registry import get_preset
+    from training.data import IMAGE_DIR, DatasetError, prepare_cache, read_index, read_meta
+
+    source = str(Path(cfg.data).resolve())
+    meta = read_meta(cfg.cache_dir, missing_ok=True)
+    if meta:
+        if meta.get("source") != source:
+            raise DatasetError(f"{cfg.cache_dir} holds the cache of {meta.get('source')}, not of {source}")
+        return
+    _, gcfg = get_preset(cfg.preset)
+    size = int(cfg.generator_overrides.get("image_size", gcfg.image_size))
+    index = read_index(cfg.data)
+    with Image.open(index.root / IMAGE_DIR / index.files[0]) as im:
+        if im.size != (size, size):
+            raise DatasetError(
+                f"{cfg.data}: images are {im.size[0]}x{im.size[1]}, the model works on {size}x{size} aligned "
+                "faces: align and resize them first (the server's alignment template is in weights/<name>/config.json)"
+            )
+    log.info("preparing %s into %s (first use)", cfg.data, cfg.cache_dir)
+    prepare_cache(cfg.data, cfg.cache_dir, size)
 
 
 def release_train_config(folder: Path, data: dict[str, Any], add_attributes: list[str] | None = None) -> dict[str, Any]:
@@ -259,6 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--fresh-discriminator",
         action="store_true",
         help="with --init-from a release that has no discriminator: accept starting D from scratch",
+    )
+    s.add_argument(
+        "--data",
+        metavar="DIR",
+        help="your own CelebA-format folder (images/ + list_attr_celeba.txt; list_eval_partition.txt optional: "
+        "without it a split is made from file-name hashes); cached in .cache/datasets/<folder name> on first use",
     )
     s.add_argument("--max-minutes", type=float, help="stop (and checkpoint) after this much wall time")
     s.add_argument("--max-steps", type=int, help="stop after this many more steps")

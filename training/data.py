@@ -8,6 +8,7 @@ epochs read memory instead of JPEGs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -48,9 +49,8 @@ def read_index(root: str | Path) -> CelebAIndex:
     if not root.is_dir():
         raise DatasetError(f"{root}: not a folder")
     attr_path, split_path, image_dir = root / ATTR_FILE, root / SPLIT_FILE, root / IMAGE_DIR
-    for p in (attr_path, split_path):
-        if not p.is_file():
-            raise DatasetError(f"{p}: missing ({p.name} is required)")
+    if not attr_path.is_file():
+        raise DatasetError(f"{attr_path}: missing ({attr_path.name} is required)")
     if not image_dir.is_dir():
         raise DatasetError(f"{image_dir}: missing image folder")
 
@@ -77,6 +77,32 @@ def read_index(root: str | Path) -> CelebAIndex:
         files.append(parts[0])
         rows.append([1 if v == 1 else 0 for v in values])
 
+    split_of = read_partition(split_path, files) if split_path.is_file() else made_partition(files)
+    return CelebAIndex(
+        root=root,
+        files=files,
+        attr_names=attr_names,
+        labels=np.asarray(rows, dtype=np.uint8).reshape(len(files), len(attr_names)),
+        split=np.asarray([split_of[f] for f in files], dtype=np.int8),
+    )
+
+
+#: Without a partition file, a split is made from each file name's hash: stable, so it is the same
+#: split every time the folder is prepared (and it is recorded in the cache's meta.json).
+MADE_SPLIT = {"train": 90, "val": 5, "test": 5}
+
+
+def made_partition(files: list[str]) -> dict[str, int]:
+    out = {}
+    for name in files:
+        bucket = int(hashlib.sha1(name.encode()).hexdigest(), 16) % 100
+        out[name] = (
+            0 if bucket < MADE_SPLIT["train"] else (1 if bucket < MADE_SPLIT["train"] + MADE_SPLIT["val"] else 2)
+        )
+    return out
+
+
+def read_partition(split_path: Path, files: list[str]) -> dict[str, int]:
     split_of: dict[str, int] = {}
     for lineno, line in enumerate(split_path.read_text().splitlines(), start=1):
         parts = line.split()
@@ -88,13 +114,7 @@ def read_index(root: str | Path) -> CelebAIndex:
     no_split = [f for f in files if f not in split_of]
     if no_split:
         raise DatasetError(f"{split_path}: no split for {len(no_split)} image(s), e.g. {', '.join(no_split[:5])}")
-    return CelebAIndex(
-        root=root,
-        files=files,
-        attr_names=attr_names,
-        labels=np.asarray(rows, dtype=np.uint8).reshape(len(files), len(attr_names)),
-        split=np.asarray([split_of[f] for f in files], dtype=np.int8),
-    )
+    return split_of
 
 
 def load_image(path: Path, size: int) -> np.ndarray:
@@ -151,6 +171,9 @@ def prepare_cache(
         "files": [f for f, ok in zip(index.files, good, strict=True) if ok],
         "bad_images": bad,
         "counts": {s: int((index.split[good] == k).sum()) for s, k in SPLITS.items()},
+        "split_source": SPLIT_FILE
+        if (index.root / SPLIT_FILE).is_file()
+        else f"made from file-name hashes {MADE_SPLIT}",
     }
     old = read_meta(cache_dir, missing_ok=True)
     if old and "alignment_template" in old:
