@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
+from models.device import machine_description
 from models.precision import cpu_has_bf16_units, describe_cpu_bf16
-from training.export import machine_description
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT.parent / "shared" / "photos"

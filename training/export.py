@@ -6,7 +6,6 @@ import dataclasses
 import json
 import logging
 import os
-import platform
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from models.checkpoint import (
     save_pretrained,
     write_config,
 )
+from models.device import machine_description
 from training.data import CachedFaces, read_meta
 from training.evaluation import calibration_table, markdown_table
 from training.trainer import ema_generator_from_checkpoint, read_training_checkpoint
@@ -151,19 +151,6 @@ def write_samples(
     idx = torch.arange(offset, min(offset + n, len(data)))
     x, c = data.get(idx)
     edit_grid(gen, x, c, tuple(gen.config.attributes), gain=gain).save(path)
-
-
-def machine_description() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}"
 
 
 def write_card(folder: str | Path) -> None:
