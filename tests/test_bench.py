@@ -14,3 +14,11 @@ def test_replace_section_swaps_only_the_named_section() -> None:
     assert "new slider\n\n### Training step" in text  # sections stay separated by a blank line
     text = replace_section(text, "### Server memory\n\nrss\n")  # a new section is appended
     assert text.endswith("### Server memory\n\nrss\n")
+
+
+def test_the_new_rows_run_with_only() -> None:
+    from pathlib import Path
+
+    from bench.run_all import benchmarks
+
+    assert {"startup", "slider", "photo_http", "train_step"} <= set(benchmarks(Path("weights"), quick=True))

@@ -1,0 +1,122 @@
+"""Benchmark — start-up and hot reload: seconds from process start to ``/healthz`` 200 and to
+``/readyz`` 200 with the shipped weights, and two ``POST /v1/models/reload`` while 8 clients edit
+(status codes and the slowest request). Run: ``python bench/startup.py [--weights weights]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import PHOTOS, machine, summary, table
+from tests.server_utils import free_port
+
+TOKEN = "bench-reload"
+
+
+def _start(weights: Path) -> tuple[subprocess.Popen, str, float]:
+    port = free_port()
+    env = os.environ | {"FACE_EDITOR_WEIGHTS_DIR": str(weights), "FACE_EDITOR_ADMIN_TOKEN": TOKEN}
+    cmd = [sys.executable, "-m", "uvicorn", "server.app:app", "--host", "127.0.0.1", "--port", str(port)]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [*cmd, "--log-level", "warning"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+    )
+    return proc, f"http://127.0.0.1:{port}", t0
+
+
+def _wait(url: str, t0: float, limit_s: float = 120.0) -> float:
+    while time.perf_counter() - t0 < limit_s:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return time.perf_counter() - t0
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.02)
+    return float("nan")
+
+
+def _crop() -> bytes:
+    buf = io.BytesIO()
+    Image.open(PHOTOS / "portrait-2.jpg").convert("RGB").resize((128, 128)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def run(weights: Path, clients: int = 8, seconds: float = 20.0) -> str:
+    proc, url, t0 = _start(weights)
+    try:
+        healthz = _wait(url + "/healthz", t0)
+        readyz = _wait(url + "/readyz", t0)
+        crop, stop = _crop(), threading.Event()
+        results: list[tuple[int, float]] = []
+        lock = threading.Lock()
+
+        def client() -> None:
+            with httpx.Client(timeout=30) as c:
+                i = 0
+                while not stop.is_set():
+                    t = time.perf_counter()
+                    resp = c.post(
+                        url + "/v1/edit",
+                        files={"image": ("c.png", crop, "image/png")},
+                        data={"edits": f'{{"Young": {(i % 10) / 10}}}', "aligned": "true", "image_format": "jpeg"},
+                    )
+                    with lock:
+                        results.append((resp.status_code, (time.perf_counter() - t) * 1000))
+                    i += 1
+
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        reloads = []
+        for at in (seconds / 4, 3 * seconds / 4):
+            time.sleep(max(0.0, at - sum(reloads)))
+            t = time.perf_counter()
+            resp = httpx.post(url + "/v1/models/reload", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120)
+            resp.raise_for_status()
+            reloads.append(time.perf_counter() - t)
+        time.sleep(seconds / 4)
+        stop.set()
+        for t in threads:
+            t.join()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    codes = sorted({c for c, _ in results})
+    ms = [m for _, m in results]
+    p50, p95 = summary(ms)
+    rows = [
+        ["/healthz 200 after process start", f"{healthz:.2f} s", "target ≤ 2 s"],
+        ["/readyz 200 after process start", f"{readyz:.2f} s", "target ≤ 10 s"],
+        [
+            f"2 hot reloads while {clients} clients edit (aligned 128-px crops)",
+            f"{len(results)} edits, status codes {codes}, {sum(c == 503 for c, _ in results)} × 503; "
+            f"p50 {p50:.0f} ms, p95 {p95:.0f} ms, slowest {max(ms):.0f} ms; reloads took "
+            + ", ".join(f"{r:.2f} s" for r in reloads),
+            "target: no 503, none slower than 2 s",
+        ],
+    ]
+    return f"### Start-up and hot reload\n\n{machine()}\n\n" + table(["what", "measured", "target"], rows) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--weights", type=Path, default=Path("weights"))
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    logging.getLogger(__name__).info("\n%s", run(args.weights))
+
+
+if __name__ == "__main__":
+    main()
