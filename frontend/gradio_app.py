@@ -134,11 +134,14 @@ def build_blocks(
     return blocks
 
 
-def mount_gradio(
-    app: Any,
+def build_app(
     service: EditService,
     weights_dir: Path,
     default_model: str | None = None,
     wait_ready: Callable[[], object] = lambda: None,
-) -> None:
-    gr.mount_gradio_app(app, build_blocks(service, weights_dir, default_model, wait_ready), path=PATH)
+) -> Any:
+    """A FastAPI app serving the Gradio Blocks at its root (the caller mounts it at ``/gradio``)."""
+    from fastapi import FastAPI
+
+    sub = FastAPI()
+    return gr.mount_gradio_app(sub, build_blocks(service, weights_dir, default_model, wait_ready), path="")

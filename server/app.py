@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from frontend.lazy import LazyASGI
 from server.api.routes import edit, health, models
 from server.config import Settings, get_settings
 from server.editor import EditError
@@ -37,13 +38,23 @@ def create_app(settings: Settings | None = None, load_models: bool = True) -> Fa
         # The models load in the background: /healthz answers at once, /readyz says 503 until a model
         # is loaded, and edits that arrive meanwhile wait for the load (server/api/deps.py).
         loading = None
+        warm_gradio = None
         if load_models:
             loading = asyncio.get_running_loop().run_in_executor(None, state.start_up)
+
+            async def build_gradio_when_loaded() -> None:
+                await loading  # the models first: /readyz matters more than the demo page
+                await app.state.gradio.ready()
+
+            warm_gradio = asyncio.get_running_loop().create_task(build_gradio_when_loaded())
         else:
             state.loaded.set()
         yield
         if loading is not None:
             await loading
+        if warm_gradio is not None:
+            await warm_gradio
+        await app.state.gradio.aclose()
 
     app = FastAPI(
         title="Face attribute editor",
@@ -87,18 +98,23 @@ def create_app(settings: Settings | None = None, load_models: bool = True) -> Fa
         pass
     else:
         mount_frontend(app)
-    try:  # the Gradio demo at /gradio (frontend/gradio_app.py), on the same in-process edit service
-        from frontend.gradio_app import mount_gradio
-    except ImportError as exc:  # pragma: no cover - gradio is a dependency; the API serves without it
-        logging.getLogger(__name__).warning("no Gradio page: %s", exc)
-    else:
-        mount_gradio(
-            app,
+
+    # The Gradio demo at /gradio (frontend/gradio_app.py) on the same in-process edit service. Gradio
+    # is imported and its page built on first use (or right after start-up, in the background), so it
+    # does not delay /healthz.
+    def build_gradio() -> FastAPI:
+        from frontend.gradio_app import build_app
+
+        return build_app(
             state.service,
             settings.weights_dir,
             settings.default_model,
             lambda: state.loaded.wait(settings.startup_wait_s),
         )
+
+    gradio = LazyASGI(build_gradio)
+    app.state.gradio = gradio
+    app.mount("/gradio", gradio)
     return app
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from models.device import pick_device
+from models.precision import device_has_bf16_units
 from server.compute import ComputePool
 from server.config import Settings
 from server.editor import Admission, EditService
@@ -72,7 +73,12 @@ class AppState:
         # with one compute thread there are never two decoder calls to merge, and a batcher thread
         # would be a second OpenMP team (see server/compute.py)
         micro_batch = s.micro_batch if s.compute_workers > 1 else 1
-        new = self.compute.run(
+        # Reading safetensors is light work; only the bf16 timing trial (hardware with bf16 units,
+        # precision=auto) is heavy torch work that belongs on the compute thread. Elsewhere the load
+        # runs in the caller's thread, so edits keep being served during a hot reload.
+        trial = s.precision == "auto" and device_has_bf16_units(self.device)
+        run = self.compute.run if trial else (lambda fn, *args: fn(*args))
+        new = run(
             ModelRegistry.load,
             s.weights_dir,
             self.device,

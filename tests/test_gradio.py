@@ -20,6 +20,10 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-ne
 def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     weights = make_weights(tmp_path_factory.mktemp("weights"), generators=("stgan-tiny", "mugan-tiny"))
     with live_server(weights, default_model="stgan") as (url, _):
+        import httpx
+
+        # the page is built in the background after start-up (or on first use): wait for it once
+        assert httpx.get(url + "/gradio/", timeout=120).status_code == 200
         yield url
 
 
