@@ -17,6 +17,7 @@ difference of ±1 to a confident edit. Training always uses g = 1.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
@@ -90,11 +91,18 @@ EXCLUSIVE_GROUPS: tuple[tuple[str, ...], ...] = (
 CONDITIONING_MODES = ("diff", "target")
 
 
+#: What an attribute may be called: CelebA's 40, or a column a user adds to their attribute file.
+ATTRIBUTE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_]{0,63}")
+
+
 def validate_attributes(names: Sequence[str]) -> tuple[str, ...]:
-    """Return ``names`` as a tuple, raising ``ValueError`` naming any unknown or repeated attribute."""
-    unknown = [n for n in names if n not in CELEBA_ATTRIBUTES]
-    if unknown:
-        raise ValueError(f"unknown attribute name(s): {', '.join(unknown)}")
+    """Return ``names`` as a tuple, raising ``ValueError`` naming any malformed or repeated attribute.
+
+    Any identifier-like name is an attribute (CelebA's 40 and the new columns of a user's attribute
+    file); whether the data has it is checked where the data is read."""
+    bad = [n for n in names if not isinstance(n, str) or not ATTRIBUTE_NAME.fullmatch(n)]
+    if bad:
+        raise ValueError(f"not a valid attribute name: {', '.join(map(repr, bad))} (letters, digits and _)")
     repeated = sorted({n for n in names if list(names).count(n) > 1})
     if repeated:
         raise ValueError(f"repeated attribute name(s): {', '.join(repeated)}")

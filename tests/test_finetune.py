@@ -159,7 +159,8 @@ def test_add_attributes_keeps_the_old_edits_at_step_0(release: Path, prepared_ca
     ("extra", "needle"),
     [
         (["--add-attributes", "Bald"], "already edited"),
-        (["--add-attributes", "Sunglasses"], "unknown attribute"),
+        (["--add-attributes", "Sunglasses"], "not in the dataset"),
+        (["--add-attributes", "Blond-Hair!"], "not a valid attribute name"),
         (["--set", "cache_dir={other}"], "px"),  # a dataset of another resolution
     ],
 )
@@ -259,3 +260,25 @@ def test_fine_tune_on_your_own_folder_without_a_partition_file(
         cli(["train", "--init-from", str(release), "--data", str(big), "--run", str(tmp_path / "c"), *sets])
     assert "64x64" in caplog.text and not (tmp_path / "c").exists()
     assert not (tmp_path / ".cache" / "datasets" / "big-faces").exists()
+
+
+def test_add_a_new_column_of_your_own_attribute_file(
+    release: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.conftest import make_celeba_folder
+    from tests.test_training import TINY_SETTINGS
+
+    mine = make_celeba_folder(tmp_path / "freckled", n=40)
+    attr_file = mine / "list_attr_celeba.txt"
+    lines = attr_file.read_text().splitlines()
+    lines[1] += " Freckles"  # a column CelebA does not have
+    lines[2:] = [line + (" 1" if k % 3 == 0 else " -1") for k, line in enumerate(lines[2:])]
+    attr_file.write_text("\n".join(lines) + "\n")
+    monkeypatch.chdir(tmp_path)
+    sets = [x for s in [*TINY_SETTINGS, f"classifier={tmp_path}/none"] for x in ("--set", s)]
+    run = tmp_path / "run"
+    args = ["train", "--init-from", str(release), "--data", str(mine), "--add-attributes", "Freckles"]
+    cli([*args, "--run", str(run), "--max-steps", "1", *sets])
+    out = export_run(run, tmp_path / "weights" / "freckles", checkpoint="last")
+    _, info = load_pretrained(out)
+    assert info.attributes[-1] == "Freckles" and len(info.attributes) == 14

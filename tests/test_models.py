@@ -177,8 +177,10 @@ def test_config_round_trip_and_errors() -> None:
         config_from_dict(EncoderDecoderConfig, data | {"base_channels": "many"})
     with pytest.raises(ValueError, match="skip"):
         config_from_dict(EncoderDecoderConfig, data | {"skip": "teleport"})
-    with pytest.raises(ValueError, match="Purple_Hair"):
-        validate_attributes(["Bald", "Purple_Hair"])
+    # any identifier is an attribute (a user's own column); malformed names are refused by name
+    assert validate_attributes(["Bald", "Purple_Hair"]) == ("Bald", "Purple_Hair")
+    with pytest.raises(ValueError, match="Purple-Hair"):
+        validate_attributes(["Bald", "Purple-Hair"])
 
 
 def test_self_attention_is_sagan_attention() -> None:

@@ -264,9 +264,9 @@ def test_missing_attribute_file_is_named(celeba_folder: Path) -> None:
 def test_unknown_attribute_name_is_named(celeba_folder: Path) -> None:
     path = celeba_folder / "list_attr_celeba.txt"
     lines = path.read_text().splitlines()
-    lines[1] = lines[1].replace("Bald", "Wearing_Cape")
+    lines[1] = lines[1].replace("Bald", "Wearing-Cape")  # a user's own column must be an identifier
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(DatasetError, match="Wearing_Cape"):
+    with pytest.raises(DatasetError, match="Wearing-Cape"):
         read_index(celeba_folder)
 
 

@@ -19,7 +19,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from models.attributes import CELEBA_ATTRIBUTES, validate_attributes
+from models.attributes import validate_attributes
 from models.checkpoint import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -58,9 +58,10 @@ def read_index(root: str | Path) -> CelebAIndex:
     if len(lines) < 2:
         raise DatasetError(f"{attr_path}: needs a count line and a header line")
     attr_names = lines[1].split()
-    unknown = [a for a in attr_names if a not in CELEBA_ATTRIBUTES]
-    if unknown:
-        raise DatasetError(f"{attr_path}: unknown attribute name(s) in header: {', '.join(unknown)}")
+    try:  # CelebA's names or new columns of the user's own (letters, digits and _)
+        validate_attributes(attr_names)
+    except ValueError as exc:
+        raise DatasetError(f"{attr_path}: header: {exc}") from None
     files, rows = [], []
     for lineno, line in enumerate(lines[2:], start=3):
         parts = line.split()
