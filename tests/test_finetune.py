@@ -282,3 +282,6 @@ def test_add_a_new_column_of_your_own_attribute_file(
     out = export_run(run, tmp_path / "weights" / "freckles", checkpoint="last")
     _, info = load_pretrained(out)
     assert info.attributes[-1] == "Freckles" and len(info.attributes) == 14
+    card = (out / "card.md").read_text()
+    assert f"`{release}`" in card and "attributes added to the parent release's: Freckles" in card
+    assert str(mine) in card

@@ -198,6 +198,14 @@ def write_card(folder: str | Path) -> None:
             f"- warm-started (`--init-from`) from `{tc['init_from']}`; steps, images and wall time above "
             "include the parent run's training (and its parents', where it was warm-started too)"
         )
+        parent = Path(tc["init_from"]) / CONFIG_FILE
+        if parent.is_file():
+            parent_attrs = json.loads(parent.read_text()).get("attributes") or []
+            added = [a for a in doc["attributes"] if a not in parent_attrs]
+            if added:
+                parts.append(f"- attributes added to the parent release's: {', '.join(added)}")
+    if tc.get("data"):
+        parts.append(f"- data: `{tc['data']}` (cache `{tc.get('cache_dir')}`)")
     parts.append("")
     gain = float(doc.get("edit_gain", 1.0))
     parts += [
