@@ -166,6 +166,8 @@ def test_realism_report_on_a_tiny_model(tmp_path: Path) -> None:
     assert report["kid_x1000_worst"] == max(report["kid_x1000_per_attribute"].values())
     assert "kid_x1000_combined" in report
     assert "| Bald |" in realism_markdown(report)
+    probe = {k: report[k] for k in ("kid_x1000", "kid_x1000_worst", "background_change_worst", "protocol")}
+    assert "Realism probe" in realism_markdown(probe)  # the trainer's val probe renders too
 
 
 # ------------------------------------------------------------------ selection and calibration

@@ -183,10 +183,12 @@ def write_card(folder: str | Path) -> None:
         f"{tc.get('lr_d')}",
         f"- realism and locality terms: λ_G-cls on the changed attributes {tc.get('lambda_g_cls_changed', 0.0)}, "
         f"D-cls class balance cap {tc.get('d_cls_balance_max', 1.0)}, differences scaled by U(1, "
-        f"{tc.get('diff_scale_max', 1.0)}), mask border weight {tc.get('mask_border_weight', 0.0)}; up-sampling "
+        f"{tc.get('diff_scale_max', 1.0)}), mask border weight {tc.get('mask_border_weight', 0.0)}, "
+        f"λ_background {tc.get('lambda_background', 0.0)}; up-sampling "
         f"`{cfg.get('upsample', 'deconv')}`; precision {tc.get('precision', 'bf16 autocast (amp)')}",
         f"- machine: {tr.get('machine')}",
-        f"- checkpoint: `{tr.get('checkpoint')}` (selected on the val split)",
+        f"- checkpoint: `{tr.get('checkpoint')}`"
+        + (" (selected on the val split)" if tr.get("checkpoint") == "best.safetensors" else " (the run's latest)"),
         "- reproduce: `python -m training train --preset "
         f"{tr.get('preset')} --run runs/{doc['name']} --resume` with the train config stored in config.json",
     ]

@@ -440,8 +440,16 @@ def realism_on_split(
 
 
 def realism_markdown(report: dict) -> str:
-    """The realism section of a card / README: pooled, combined, per attribute, against the targets."""
+    """The realism section of a card / README: pooled, combined, per attribute, against the targets.
+    A validation probe (no floor, no combined edits) gets one line."""
     p = report["protocol"]
+    if "kid_x1000_floor" not in report:
+        return (
+            f"Realism probe ({p['n_faces']} {p['split'].rsplit(':', 2)[-2]} faces × 13 single edits, gain "
+            f"×{p['edit_gain']:g}): matched KID×1000 {report['kid_x1000']:.1f}, worst attribute "
+            f"{report.get('kid_x1000_worst', float('nan')):.1f}, worst background change "
+            f"{report['background_change_worst']:.2f}.\n"
+        )
 
     def mark(key: str, value: float) -> str:
         target = REALISM_TARGETS.get(key)
