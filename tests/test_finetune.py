@@ -213,7 +213,7 @@ def test_fine_tune_with_an_added_attribute_reaches_a_live_editor(
         run = tmp_path / "ft"
         base = ["train", "--run", str(run), "--init-from", str(weights / "tiny"), "--add-attributes", "Smiling"]
         cli([*base, "--max-steps", "0", *tiny_sets(prepared_cache, tmp_path)])
-        notify = ["--notify", f"{url}/v1/models/reload"]
+        notify = ["--cache-dir", str(prepared_cache), "--notify", f"{url}/v1/models/reload"]
         cli(["export", "--run", str(run), "--out", str(weights / "tiny"), "--checkpoint", "last", *notify])
         assert attributes()[-1] == "Smiling" and len(attributes()) == 14
         assert edit('{"Young": 1}').json()["image"] == before  # step 0: the old edits are unchanged

@@ -110,8 +110,10 @@ def export_run(
     )
     gen.float()
     export_discriminator(ckpt, out, train_cfg, gen.config.image_size, dtype)
-    if cache_dir is not None:
+    if cache_dir is not None and (Path(cache_dir) / "meta.json").is_file():
         write_samples(gen, cache_dir, out / SAMPLES_FILE, n_samples, gain=edit_gain)
+    elif cache_dir is not None:
+        log.warning("no dataset cache in %s: no samples.png (pass --cache-dir)", cache_dir)
     write_card(out)
     log.info("exported %s (step %d) to %s", ckpt, step, out)
     if notify:
