@@ -67,7 +67,8 @@ def build_blocks(
     """``wait_ready()`` returns once the app's start-up load of the models is done."""
     names, attributes = served_models(weights_dir)
     all_attributes = sorted({a for attrs in attributes.values() for a in attrs})
-    default = default_model if default_model in names else (names[0] if names else None)
+    preferred = [n for n in (default_model, "stgan", "mugan") if n in names]  # as the server picks its default
+    default = preferred[0] if preferred else (names[0] if names else None)
 
     def run_edit(photo: str | None, model: str | None, edits: dict[str, float]) -> tuple[Any, Any, list[Any]]:
         if not photo:

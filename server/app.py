@@ -108,7 +108,7 @@ def create_app(settings: Settings | None = None, load_models: bool = True) -> Fa
         return build_app(
             state.service,
             settings.weights_dir,
-            settings.default_model,
+            state.registry.default or settings.default_model,  # the served default once the models loaded
             lambda: state.loaded.wait(settings.startup_wait_s),
         )
 
