@@ -181,6 +181,16 @@ def check_state_dict(expected: dict[str, torch.Tensor], found: dict[str, torch.T
         raise CheckpointError("; ".join(problems))
 
 
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, or a ``CheckpointError`` saying it is missing or unreadable."""
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc})") from None
+
+
 def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelInfo]:
     """Build the network from ``config.json`` and load ``model.safetensors`` (eval mode)."""
     folder = Path(folder)
@@ -194,12 +204,7 @@ def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> t
     attributes = tuple(doc.get("attributes") or getattr(config, "attributes", ()))
     if hasattr(config, "attributes") and tuple(config.attributes) != attributes:
         raise CheckpointError(f"{folder / CONFIG_FILE}: 'attributes' does not match config.attributes")
-    try:
-        tensors = load_file(str(folder / WEIGHTS_FILE))
-    except FileNotFoundError:
-        raise CheckpointError(f"{folder / WEIGHTS_FILE}: missing") from None
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{folder / WEIGHTS_FILE}: unreadable ({exc})") from None
+    tensors = read_tensors(folder / WEIGHTS_FILE)
     check_state_dict(model.state_dict(), tensors)
     model.load_state_dict(tensors)
     model.to(device).eval()

@@ -30,17 +30,12 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    from training.data import DatasetError, prepare_cache, read_meta, write_meta
+    from training.data import check_cache_source, prepare_cache, read_meta, write_meta
     from training.template import compute_template
 
     if not args.template_only:
-        old = read_meta(args.cache_dir, missing_ok=True)
-        source = str(Path(args.data).resolve())
-        if old and old.get("source") != source and not args.overwrite:
-            raise DatasetError(
-                f"{args.cache_dir} holds the cache of {old.get('source')}, not of {source}: pass another "
-                "--cache-dir (e.g. .cache/datasets/<name>), or --overwrite to replace it"
-            )
+        if not args.overwrite:
+            check_cache_source(args.cache_dir, args.data)
         meta = prepare_cache(args.data, args.cache_dir, args.image_size)
         log.info("cache ready in %s: %s", args.cache_dir, meta["counts"])
     if args.template_samples > 0:
@@ -102,13 +97,9 @@ def ensure_cache(cfg: Any) -> None:
     from PIL import Image
 
     from models.registry import get_preset
-    from training.data import IMAGE_DIR, DatasetError, prepare_cache, read_index, read_meta
+    from training.data import IMAGE_DIR, DatasetError, check_cache_source, prepare_cache, read_index
 
-    source = str(Path(cfg.data).resolve())
-    meta = read_meta(cfg.cache_dir, missing_ok=True)
-    if meta:
-        if meta.get("source") != source:
-            raise DatasetError(f"{cfg.cache_dir} holds the cache of {meta.get('source')}, not of {source}")
+    if check_cache_source(cfg.cache_dir, cfg.data):
         return
     _, gcfg = get_preset(cfg.preset)
     size = int(cfg.generator_overrides.get("image_size", gcfg.image_size))
@@ -129,7 +120,7 @@ def release_train_config(folder: Path, data: dict[str, Any], add_attributes: lis
     that differs from that preset, except those the caller overrides explicitly."""
     from models.checkpoint import read_config
     from models.config import config_to_dict
-    from models.registry import get_preset
+    from models.registry import get_preset, parse_config
 
     doc = read_config(folder)
     data = dict(data)
@@ -139,7 +130,7 @@ def release_train_config(folder: Path, data: dict[str, Any], add_attributes: lis
     data["preset"] = preset
     _, preset_cfg = get_preset(preset)
     defaults = config_to_dict(preset_cfg)
-    release_cfg = config_to_dict(parse_release_config(doc))
+    release_cfg = config_to_dict(parse_config(doc["architecture"], doc["config"]))
     explicit = dict(data.get("generator_overrides") or {})
     inherited = {k: v for k, v in release_cfg.items() if k != "attributes" and defaults.get(k) != v}
     data["generator_overrides"] = inherited | explicit
@@ -156,12 +147,6 @@ def release_train_config(folder: Path, data: dict[str, Any], add_attributes: lis
             raise SystemExit(f"--add-attributes: {', '.join(present)} already edited by {folder}; nothing written")
         data["attributes"] = [*data["attributes"], *add_attributes]
     return data
-
-
-def parse_release_config(doc: dict[str, Any]) -> Any:
-    from models.registry import parse_config
-
-    return parse_config(doc["architecture"], doc["config"])
 
 
 def cmd_classifier(args: argparse.Namespace) -> None:

@@ -183,6 +183,18 @@ def prepare_cache(
     return meta
 
 
+def check_cache_source(cache_dir: str | Path, data: str | Path) -> dict:
+    """The meta of ``cache_dir`` ({} if none), refusing a cache prepared from another folder than ``data``."""
+    meta = read_meta(cache_dir, missing_ok=True)
+    source = str(Path(data).resolve())
+    if meta and meta.get("source") != source:
+        raise DatasetError(
+            f"{cache_dir} holds the cache of {meta.get('source')}, not of {source}: pass another "
+            "--cache-dir (e.g. .cache/datasets/<name>), or --overwrite to replace it with prepare"
+        )
+    return meta
+
+
 def read_meta(cache_dir: str | Path, missing_ok: bool = False) -> dict:
     path = Path(cache_dir) / "meta.json"
     if not path.is_file():

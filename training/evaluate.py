@@ -14,7 +14,7 @@ from models.generators import AttributeGenerator
 from training.data import CachedFaces
 from training.evaluation import choose_gain, evaluate_generator, markdown_table
 from training.export import SAMPLES_FILE, update_metrics, write_card, write_samples
-from training.realism import RealismConfig, RealismUnavailableError, realism_on_split
+from training.realism import RealismConfig, RealismInputs, RealismUnavailableError, realism_inputs, realism_on_split
 from training.trainer import ema_generator_from_checkpoint
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,13 @@ def _realism_only(
 
 
 def _realism(
-    gen: AttributeGenerator, cache_dir: str, split: str, gain: float, config: RealismConfig, amp: bool
+    gen: AttributeGenerator,
+    cache_dir: str,
+    split: str,
+    gain: float,
+    config: RealismConfig,
+    amp: bool,
+    inputs: RealismInputs | None = None,
 ) -> dict | None:
     try:
         return realism_on_split(
@@ -114,6 +120,7 @@ def _realism(
             precision="bf16" if amp else "fp32",
             device=gen_device(gen),
             progress=True,
+            inputs=inputs,
         )
     except RealismUnavailableError as exc:
         log.warning("no realism report: %s", exc)
@@ -157,6 +164,11 @@ def calibrate_command(
     data = CachedFaces(cache_dir, split, attributes, limit=limit)
     x, c = data.get(torch.arange(len(data)))
     rows = []
+    try:  # the splits and the Inception network once, for every gain's probe
+        probe_inputs = realism_inputs(cache_dir, split, attributes) if realism_faces > 0 else None
+    except RealismUnavailableError as exc:
+        log.warning("no realism probe: %s", exc)
+        probe_inputs, realism_faces = None, 0
     for g in gains:
         m = evaluate_generator(gen, x, c, attributes, clf, clf_attrs, batch_size=50, device=device, amp=amp, gain=g)
         log.info(
@@ -168,7 +180,7 @@ def calibrate_command(
         row = {k: m[k] for k in ("edit_gain", "mean_edit_success", "mean_preservation", "edit_success")}
         if realism_faces > 0:
             probe = RealismConfig(n_faces=realism_faces, n_combined=0, subset_size=realism_faces * 13)
-            report = _realism(gen, cache_dir, split, g, probe, amp)
+            report = _realism(gen, cache_dir, split, g, probe, amp, probe_inputs)
             if report is not None:
                 row["realism"] = {k: report[k] for k in ("kid_x1000", "background_change_worst", "protocol")}
                 log.info(

@@ -28,7 +28,7 @@ import importlib.util
 import logging
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,7 @@ from scipy import linalg
 from models.attributes import condition_vector, exclusive_groups_for
 from models.generators import AttributeGenerator
 from models.precision import autocast
+from training.data import CachedFaces
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +108,6 @@ class FeatureCache:
         self.folder = Path(folder)
         self.extractor = extractor
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.hits = 0
-        self.misses = 0
 
     def _file(self, namespace: str) -> Path:
         tag = hashlib.sha1(f"{self.extractor.path.name}:{self.extractor.path.stat().st_size}".encode()).hexdigest()[:8]
@@ -127,8 +126,6 @@ class FeatureCache:
             return np.zeros((0, 2048))
         want = sorted(set(int(r) for r in rows))
         missing = [r for r in want if r not in known]
-        self.hits += len(want) - len(missing)
-        self.misses += len(missing)
         if missing:
             feats = self.extractor(load(np.asarray(missing)))
             known.update(zip(missing, feats, strict=True))
@@ -200,6 +197,11 @@ class SplitFaces:
     images: torch.Tensor
     labels: torch.Tensor
 
+    @classmethod
+    def of(cls, data: CachedFaces, split: str, limit: int | None = None) -> SplitFaces:
+        """A loaded split (named after its cache's source, so feature caches are shared)."""
+        return cls(f"{data.meta.get('source')}:{split}:{limit}", data.images, data.labels)
+
     def load(self, rows: np.ndarray) -> torch.Tensor:
         """Rows as uint8 (B, 3, H, W)."""
         return self.images[torch.as_tensor(rows, dtype=torch.long)].permute(0, 3, 1, 2).contiguous()
@@ -213,7 +215,6 @@ class RealismConfig:
     subset_size: int = 500
     seed: int = 0
     batch_size: int = 20
-    extra: dict = field(default_factory=dict)
 
 
 def _draw_matching(labels: torch.Tensor, want: dict[int, float], rng: np.random.Generator) -> int:
@@ -241,7 +242,6 @@ def _combined_edits(
             chosen.append(a)
             if len(chosen) == int(rng.integers(2, 5)) or len(chosen) == 4:
                 break
-        chosen = chosen[: max(2, len(chosen))]
         values = {a: float((1 if c_src[face, a] < 0.5 else -1) * rng.uniform(0.5, 1.0)) for a in chosen}
         out.append((face, values))
     return out
@@ -406,19 +406,33 @@ def realism_penalty(metrics: dict) -> float:
 
 def split_faces(cache_dir: str | Path, split: str, attributes: tuple[str, ...], limit: int | None = None) -> SplitFaces:
     """A split of a prepared cache as :class:`SplitFaces` (named after the cache's source and split)."""
-    from training.data import CachedFaces
-
-    data = CachedFaces(cache_dir, split, attributes, limit=limit)
-    name = f"{data.meta.get('source', str(cache_dir))}:{split}:{limit}"
-    return SplitFaces(name, data.images, data.labels)
+    return SplitFaces.of(CachedFaces(cache_dir, split, attributes, limit=limit), split, limit)
 
 
 #: The split whose real faces give the floor of each scored split.
 FLOOR_SPLIT = {"test": "val", "val": "train", "train": "val"}
 
 
-def default_cache(cache_dir: str | Path) -> FeatureCache:
-    return FeatureCache(Path(cache_dir) / "realism-features", FeatureExtractor())
+@dataclass
+class RealismInputs:
+    """What a report reads besides the generator: the scored split, the floor's split and the feature
+    cache (with the Inception network). Built once, reused across gains, validations and models."""
+
+    faces: SplitFaces
+    other: SplitFaces
+    cache: FeatureCache
+
+
+def realism_inputs(
+    cache_dir: str | Path, split: str, attributes: tuple[str, ...], other: SplitFaces | None = None
+) -> RealismInputs:
+    """``other`` may be given where the caller holds the floor's split in memory already (the trainer's
+    training set)."""
+    return RealismInputs(
+        split_faces(cache_dir, split, attributes),
+        other or split_faces(cache_dir, FLOOR_SPLIT[split], attributes),
+        FeatureCache(Path(cache_dir) / "realism-features", FeatureExtractor()),
+    )
 
 
 def realism_on_split(
@@ -430,13 +444,11 @@ def realism_on_split(
     precision: str = "fp32",
     device: torch.device | str = "cpu",
     progress: bool = False,
-    feature_cache: FeatureCache | None = None,
+    inputs: RealismInputs | None = None,
 ) -> dict:
     attributes = tuple(generator.config.attributes)
-    faces = split_faces(cache_dir, split, attributes)
-    other = split_faces(cache_dir, FLOOR_SPLIT[split], attributes)
-    cache = feature_cache or default_cache(cache_dir)
-    return realism_report(generator, faces, other, attributes, cache, gain, config, precision, device, progress)
+    i = inputs or realism_inputs(cache_dir, split, attributes)
+    return realism_report(generator, i.faces, i.other, attributes, i.cache, gain, config, precision, device, progress)
 
 
 def realism_markdown(report: dict) -> str:

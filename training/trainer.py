@@ -34,6 +34,7 @@ from models.checkpoint import (
     check_state_dict,
     load_pretrained,
     read_config,
+    read_tensors,
 )
 from models.config import config_to_dict
 from models.generators import AttributeGenerator, convert_upsampling, grow_state_dict
@@ -163,6 +164,7 @@ class Trainer:
         self.best_metrics: dict[str, Any] = {}
         self.classifier, self.classifier_attributes = self._load_classifier()
         self.writer = None
+        self._realism_inputs: Any = None  # training.realism.RealismInputs, built at the first probe
 
     # ------------------------------------------------------------------ pieces
     def _load_classifier(self) -> tuple[nn.Module | None, tuple[str, ...]]:
@@ -390,7 +392,7 @@ class Trainer:
                 f"{folder}: no {DISCRIMINATOR_FILE}, so fine-tuning would start with an untrained discriminator; "
                 "pass --fresh-discriminator to accept that"
             )
-        tensors = _read_tensors(folder / WEIGHTS_FILE)
+        tensors = read_tensors(folder / WEIGHTS_FILE)
         if getattr(self.G.config, "upsample", "deconv") == "resize":
             tensors = convert_upsampling(tensors, self.G)
         tensors = {k: v.float() for k, v in tensors.items()}
@@ -411,7 +413,7 @@ class Trainer:
                 raise CheckpointError(f"{folder}: its generator does not fit this run's network ({exc})") from None
             module.load_state_dict(tensors)
         if d_path.is_file():
-            d_tensors = {k: v.float() for k, v in _read_tensors(d_path).items()}
+            d_tensors = {k: v.float() for k, v in read_tensors(d_path).items()}
             if grow:
                 d_tensors = grow_state_dict(d_tensors, self.D, len(old_attrs), len(new_attrs))
             try:
@@ -451,13 +453,29 @@ class Trainer:
 
     def _realism_probe(self) -> dict[str, Any] | None:
         """Matched KID and background change of the val edits (see ``eval_realism_faces``)."""
-        from training.realism import RealismConfig, RealismUnavailableError, realism_on_split
+        from training.realism import (
+            RealismConfig,
+            RealismUnavailableError,
+            SplitFaces,
+            realism_inputs,
+            realism_on_split,
+        )
 
         n = self.cfg.eval_realism_faces
         probe = RealismConfig(n_faces=n, n_combined=0, subset_size=13 * n)
         try:
+            if self._realism_inputs is None:  # once per run: the val split, Inception; the floor is train_set
+                floor = SplitFaces.of(self.train_set, "train")
+                self._realism_inputs = realism_inputs(self.cfg.cache_dir, "val", tuple(self.cfg.attributes), floor)
             report = realism_on_split(
-                self.G_ema, self.cfg.cache_dir, "val", self.cfg.eval_gain, probe, self.precision, self.device
+                self.G_ema,
+                self.cfg.cache_dir,
+                "val",
+                self.cfg.eval_gain,
+                probe,
+                self.precision,
+                self.device,
+                inputs=self._realism_inputs,
             )
         except RealismUnavailableError as exc:
             log.warning("no realism probe: %s", exc)
@@ -599,15 +617,6 @@ class _StopFlag:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing") from None
-    except Exception as exc:  # safetensors raises several types for broken files
-        raise CheckpointError(f"{path}: unreadable ({exc})") from None
 
 
 def read_training_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
