@@ -31,7 +31,8 @@ import numpy as np
 from PIL import Image
 
 from models.checkpoint import CONFIG_FILE, CheckpointError, read_config
-from server.editor import EditError, EditService
+from server.errors import ServiceError
+from server.service import EditRequest, EditService
 
 log = logging.getLogger(__name__)
 
@@ -77,16 +78,16 @@ def build_blocks(
         wait_ready()
         usable = {a: v for a, v in edits.items() if v and a in attributes.get(model or "", all_attributes)}
         try:
-            result = service.edit(data, json.dumps(usable), model, "all", False, None, True, True)
-        except EditError as exc:
+            result = service.edit(EditRequest(image=data, edits=usable, model=model))
+        except ServiceError as exc:
             raise gr.Error(exc.detail) from None
         close_ups = []
         for face in result.faces:
-            k = face["index"]
+            k = face.index
             close_ups += [
-                (_b64_image(face["aligned"]), f"face {k}: before"),
-                (_b64_image(face["edited"]), f"face {k}: after"),
-                (_b64_image(face["mask"]), f"face {k}: mask"),
+                (_b64_image(face.aligned), f"face {k}: before"),
+                (_b64_image(face.edited), f"face {k}: after"),
+                (_b64_image(face.mask), f"face {k}: mask"),
             ]
         return np.asarray(result.image), np.asarray(result.overlay), close_ups
 

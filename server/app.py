@@ -13,9 +13,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from frontend.lazy import LazyASGI
+from server.api.errors import install_error_handlers
 from server.api.routes import edit, health, models
 from server.config import Settings, get_settings
-from server.editor import EditError
 from server.state import create_state
 
 log = logging.getLogger(__name__)
@@ -76,10 +76,7 @@ def create_app(settings: Settings | None = None, load_models: bool = True) -> Fa
             return JSONResponse({"detail": f"upload larger than {settings.max_upload_bytes} bytes"}, status_code=413)
         return await call_next(request)
 
-    @app.exception_handler(EditError)
-    async def edit_error(_: Request, exc: EditError) -> JSONResponse:
-        headers = {"Retry-After": str(exc.retry_after or 1)} if exc.status == 503 else None
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=headers)
+    install_error_handlers(app)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

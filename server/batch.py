@@ -25,8 +25,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from server.config import Settings
-from server.editor import EditError
-from server.imaging import ImageError, encode_jpeg, encode_png, is_jpeg
+from server.errors import ServiceError
+from server.imaging import encode_jpeg, encode_png, is_jpeg
+from server.service import EditRequest
 from server.state import create_state
 
 log = logging.getLogger("face-edit")
@@ -111,14 +112,15 @@ def run_batch(
         try:
             data = photo.read_bytes()
             target = output_path(photo, out_dir, fmt, data)
-            result = state.service.edit(data, edits, model, faces, False, None, want_overlay=False, want_crops=False)
+            request = EditRequest(image=data, edits=edits, model=model, faces=faces, overlay=False, crops=False)
+            result = state.service.edit(request)
             encoded = encode_jpeg(result.image, 95) if target.suffix == ".jpg" else encode_png(result.image)
             tmp = target.with_name(target.name + ".tmp")
             tmp.write_bytes(encoded)
             tmp.replace(target)
             seconds = time.perf_counter() - t0
             outcomes.append(Outcome(str(photo), "edited", len(result.faces), round(seconds, 3), str(target)))
-        except (EditError, ImageError) as exc:
+        except ServiceError as exc:
             outcomes.append(Outcome(str(photo), "failed", 0, round(time.perf_counter() - t0, 3), "", exc.detail))
             log.warning("%s: %s", photo, exc.detail)
         except OSError as exc:

@@ -6,6 +6,7 @@ import logging
 import math
 import threading
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -19,15 +20,32 @@ log = logging.getLogger(__name__)
 DEFAULT_TEMPLATE = [[0.38111, 0.47876], [0.62921, 0.47863], [0.50295, 0.63321], [0.39396, 0.73957], [0.61477, 0.7389]]
 
 
+class Box(NamedTuple):
+    """An axis-aligned box, ``x0, y0`` inclusive and ``x1, y1`` exclusive: the one box type of the
+    server (faces, crop footprints, paste regions), and the order of the API's ``box`` / ``region``."""
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+
+    @property
+    def area(self) -> float:
+        return max(self.x1 - self.x0, 0) * max(self.y1 - self.y0, 0)
+
+    def union(self, other: Box) -> Box:
+        return Box(min(self.x0, other.x0), min(self.y0, other.y0), max(self.x1, other.x1), max(self.y1, other.y1))
+
+
 @dataclass
 class Face:
-    box: tuple[float, float, float, float]
+    box: Box  # in photo pixels
     score: float
     landmarks: np.ndarray  # (5, 2) in photo pixels
 
     @property
     def area(self) -> float:
-        return max(self.box[2] - self.box[0], 0) * max(self.box[3] - self.box[1], 0)
+        return self.box.area
 
 
 class FaceDetector:
@@ -54,33 +72,22 @@ class FaceDetector:
         if boxes is None:
             return []
         faces = [
-            Face(tuple(float(v) / scale for v in b), float(p), np.asarray(pt, dtype=np.float64) / scale)
+            Face(Box(*(float(v) / scale for v in b)), float(p), np.asarray(pt, dtype=np.float64) / scale)
             for b, p, pt in zip(boxes, probs, points, strict=True)
             if p is not None and p >= self.min_score
         ]
-        return sorted(faces, key=lambda f: (f.box[0], f.box[1]))
+        return sorted(faces, key=lambda f: (f.box.x0, f.box.y0))
 
 
 def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Least-squares similarity (rotation, uniform scale, translation) mapping src -> dst (Umeyama 1991).
+    """Least-squares similarity (rotation, uniform scale, translation) mapping src -> dst (Umeyama 1991,
+    scikit-image's ``SimilarityTransform``). Returns a 3x3 matrix acting on homogeneous column vectors."""
+    from skimage.transform import SimilarityTransform  # imported on first use: keeps start-up light
 
-    Returns a 3x3 matrix acting on homogeneous column vectors.
-    """
-    src, dst = np.asarray(src, np.float64), np.asarray(dst, np.float64)
-    mu_s, mu_d = src.mean(0), dst.mean(0)
-    s_c, d_c = src - mu_s, dst - mu_d
-    cov = d_c.T @ s_c / len(src)
-    u, sig, vt = np.linalg.svd(cov)
-    d = np.eye(2)
-    if np.linalg.det(u) * np.linalg.det(vt) < 0:
-        d[1, 1] = -1
-    rot = u @ d @ vt
-    var_s = (s_c**2).sum() / len(src)
-    scale = float(np.trace(np.diag(sig) @ d) / var_s)
-    m = np.eye(3)
-    m[:2, :2] = scale * rot
-    m[:2, 2] = mu_d - scale * rot @ mu_s
-    return m
+    transform = SimilarityTransform.from_estimate(np.asarray(src, np.float64), np.asarray(dst, np.float64))
+    if not transform:
+        raise ValueError(f"no similarity transform fits these landmarks: {transform}")
+    return np.asarray(transform.params, np.float64)
 
 
 def _sample(image: torch.Tensor, coords: torch.Tensor, mode: str = "bilinear", padding: str = "zeros") -> torch.Tensor:
@@ -153,20 +160,15 @@ def feather_window(coords: torch.Tensor, size: int, margin: float = 0.08) -> tor
 
 @dataclass
 class PasteRegion:
-    y0: int
-    y1: int
-    x0: int
-    x1: int
+    box: Box  # integer photo pixels
     delta: torch.Tensor  # (3, h, w) change in uint8 units, already feathered
     mask: torch.Tensor  # (h, w) in [0, 1], feathered
 
 
-def crop_footprint(
-    alignment: Alignment, photo_shape: tuple[int, ...], crop_box: tuple[float, float, float, float] | None = None
-) -> tuple[int, int, int, int]:
-    """(x0, y0, x1, y1): the photo pixels a pasted crop can touch (clipped to the photo).
+def crop_footprint(alignment: Alignment, photo_shape: tuple[int, ...], crop_box: Box | None = None) -> Box:
+    """The photo pixels a pasted crop can touch (clipped to the photo).
 
-    ``crop_box`` (x0, y0, x1, y1 in crop pixels) limits it to a part of the crop; the whole crop by default.
+    ``crop_box`` (in crop pixels) limits it to a part of the crop; the whole crop by default.
     """
     h, w = photo_shape[:2]
     s = alignment.size
@@ -175,10 +177,10 @@ def crop_footprint(
     pts = (alignment.inverse @ corners)[:2]
     x0, y0 = max(math.floor(pts[0].min()) - 1, 0), max(math.floor(pts[1].min()) - 1, 0)
     x1, y1 = min(math.ceil(pts[0].max()) + 2, w), min(math.ceil(pts[1].max()) + 2, h)
-    return x0, y0, x1, y1
+    return Box(x0, y0, x1, y1)
 
 
-def _active_crop_box(stacked: torch.Tensor) -> tuple[float, float, float, float] | None:
+def _active_crop_box(stacked: torch.Tensor) -> Box | None:
     """Crop-space box outside which pasting changes no photo pixel (None: nothing changes).
 
     ``stacked`` is (4, S, S): the change in uint8 units and the mask, both feathered. A photo pixel is
@@ -192,7 +194,7 @@ def _active_crop_box(stacked: torch.Tensor) -> tuple[float, float, float, float]
     # pixel centres sit at integer coordinates: keep one pixel of neighbours on each side, within the crop
     s = stacked.shape[-1]
     x0, y0 = max(float(cols[0]) - 1.5, 0.0), max(float(rows[0]) - 1.5, 0.0)
-    return x0, y0, min(float(cols[-1]) + 2.5, float(s)), min(float(rows[-1]) + 2.5, float(s))
+    return Box(x0, y0, min(float(cols[-1]) + 2.5, float(s)), min(float(rows[-1]) + 2.5, float(s)))
 
 
 def _region_theta(alignment: Alignment, x0: int, y0: int, w: int, h: int) -> torch.Tensor:
@@ -221,7 +223,7 @@ def paste_region(
     s = alignment.size
     window = feather_window(_pixel_grid(s, s).float(), s)
     stacked = torch.cat([delta.float() * 127.5, mask.float().clamp(0, 1).unsqueeze(0)], 0) * window
-    crop_box = _active_crop_box(stacked) if restrict else (0.0, 0.0, float(s), float(s))
+    crop_box = _active_crop_box(stacked) if restrict else Box(0.0, 0.0, float(s), float(s))
     if crop_box is None:
         return None
     x0, y0, x1, y1 = crop_footprint(alignment, photo_shape, crop_box)
@@ -229,19 +231,17 @@ def paste_region(
         return None
     grid = F.affine_grid(_region_theta(alignment, x0, y0, x1 - x0, y1 - y0), [1, 4, y1 - y0, x1 - x0], False)
     sampled = F.grid_sample(stacked.unsqueeze(0), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return PasteRegion(y0, y1, x0, x1, sampled[0, :3], sampled[0, 3])
+    return PasteRegion(Box(x0, y0, x1, y1), sampled[0, :3], sampled[0, 3])
 
 
-def regions_box(regions: list[PasteRegion]) -> tuple[int, int, int, int] | None:
-    """(y0, y1, x0, x1): the smallest box holding every region, or None."""
+def regions_box(regions: list[PasteRegion]) -> Box | None:
+    """The smallest box holding every region, or None."""
     if not regions:
         return None
-    return (
-        min(r.y0 for r in regions),
-        max(r.y1 for r in regions),
-        min(r.x0 for r in regions),
-        max(r.x1 for r in regions),
-    )
+    box = regions[0].box
+    for r in regions[1:]:
+        box = box.union(r.box)
+    return box
 
 
 def compose(photo: np.ndarray, regions: list[PasteRegion]) -> tuple[np.ndarray, np.ndarray]:
@@ -254,11 +254,12 @@ def compose(photo: np.ndarray, regions: list[PasteRegion]) -> tuple[np.ndarray, 
     box = regions_box(regions)
     if box is None:
         return edited, mask
-    by0, by1, bx0, bx1 = box
+    bx0, by0, bx1, by1 = (int(v) for v in box)
     out = torch.from_numpy(np.ascontiguousarray(photo[by0:by1, bx0:bx1])).permute(2, 0, 1).float()
     box_mask = torch.from_numpy(mask[by0:by1, bx0:bx1])  # a view: writes land in ``mask``
     for r in regions:
-        ys, xs = slice(r.y0 - by0, r.y1 - by0), slice(r.x0 - bx0, r.x1 - bx0)
+        x0, y0, x1, y1 = (int(v) for v in r.box)
+        ys, xs = slice(y0 - by0, y1 - by0), slice(x0 - bx0, x1 - bx0)
         out[:, ys, xs] += r.delta
         torch.maximum(box_mask[ys, xs], r.mask, out=box_mask[ys, xs])
     edited[by0:by1, bx0:bx1] = out.round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
@@ -270,13 +271,13 @@ def tint_overlay(
     mask: np.ndarray,
     colour: tuple[int, int, int] = (255, 40, 90),
     alpha: float = 0.6,
-    box: tuple[int, int, int, int] | None = None,
+    box: Box | None = None,
 ) -> np.ndarray:
     """The image with ``mask`` (H, W in [0, 1]) tinted over it.
 
-    ``box`` (y0, y1, x0, x1), when given, must hold every nonzero mask pixel; only it is computed.
+    ``box`` (integer pixels), when given, must hold every nonzero mask pixel; only it is computed.
     """
-    y0, y1, x0, x1 = box if box is not None else (0, image.shape[0], 0, image.shape[1])
+    x0, y0, x1, y1 = (int(v) for v in box) if box is not None else (0, 0, image.shape[1], image.shape[0])
     out = image.copy()
     a = torch.from_numpy(np.ascontiguousarray(mask[y0:y1, x0:x1])).mul(alpha).unsqueeze(-1)
     part = torch.from_numpy(np.ascontiguousarray(image[y0:y1, x0:x1])).float()

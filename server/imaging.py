@@ -11,6 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from server.errors import ImageTooLargeError, InvalidRequestError, ServiceError, UnsupportedImageError
+
 try:  # HEIC / HEIF (iPhone photos): pillow-heif registers itself as a Pillow plugin
     import pillow_heif
 
@@ -40,45 +42,37 @@ ALLOWED_CONTENT_TYPES = {
 ACCEPTED = "JPEG, PNG (8 or 16 bit), WebP, HEIC/HEIF, AVIF or TIFF"
 
 
-class ImageError(Exception):
-    """An upload that cannot be used; ``status`` is the HTTP status to answer with."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status, self.detail = status, detail
-
-
 def decode_upload(data: bytes, max_pixels: int, content_type: str | None = None) -> np.ndarray:
     """Bytes of an accepted image (see ``ACCEPTED``) -> (H, W, 3) uint8 sRGB, upright (EXIF orientation applied)."""
     if content_type is not None:
         base = content_type.split(";")[0].strip().lower()
         if base not in ALLOWED_CONTENT_TYPES and not base.startswith("image/"):
-            raise ImageError(415, f"unsupported content type {base!r}: send a {ACCEPTED} image")
+            raise UnsupportedImageError(f"unsupported content type {base!r}: send a {ACCEPTED} image")
     if not data:
-        raise ImageError(422, "the uploaded file is empty")
+        raise InvalidRequestError("the uploaded file is empty")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
             fmt = im.format
             if fmt not in ALLOWED_FORMATS:
-                raise ImageError(415, f"unsupported image format {fmt}: send a {ACCEPTED} image")
+                raise UnsupportedImageError(f"unsupported image format {fmt}: send a {ACCEPTED} image")
             if getattr(im, "n_frames", 1) > 1:
-                raise ImageError(415, f"animated {fmt} images are not supported: send a single still image")
+                raise UnsupportedImageError(f"animated {fmt} images are not supported: send a single still image")
             w, h = im.size
             if w * h > max_pixels:
-                raise ImageError(413, f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
+                raise ImageTooLargeError(f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
             if min(w, h) < 16:
-                raise ImageError(422, f"image is {w}x{h}: too small to hold a face")
+                raise InvalidRequestError(f"image is {w}x{h}: too small to hold a face")
             im.load()
             im = ImageOps.exif_transpose(im) or im
             rgb = to_srgb(to_rgb(im), im.info.get("icc_profile"))
-    except ImageError:
+    except ServiceError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(413, f"image too large: {exc}") from None
+        raise ImageTooLargeError(f"image too large: {exc}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageError(422, f"not a decodable image ({type(exc).__name__}: {exc})") from None
+        raise InvalidRequestError(f"not a decodable image ({type(exc).__name__}: {exc})") from None
     return np.asarray(rgb, dtype=np.uint8).copy()
 
 

@@ -10,11 +10,12 @@ import torch
 
 from models.device import pick_device
 from models.precision import device_has_bf16_units
+from server.admission import Admission
 from server.compute import ComputePool
 from server.config import Settings
-from server.editor import Admission, EditService
 from server.faces import FaceDetector
 from server.registry import ModelRegistry
+from server.service import EditService
 
 log = logging.getLogger(__name__)
 

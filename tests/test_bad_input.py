@@ -15,10 +15,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from server.api.errors import status_for
 from server.app import create_app
 from server.config import Settings
-from server.editor import EditError, parse_edits
-from server.imaging import ImageError, decode_upload
+from server.edits import parse_edits
+from server.errors import InvalidRequestError, ServiceError
+from server.imaging import decode_upload
 from tests.server_utils import PHOTOS, make_weights
 
 ATTRS = ("Bald", "Bangs", "Blond_Hair")
@@ -180,11 +182,11 @@ def test_exif_rotated_jpeg_is_handled_not_rejected(client: TestClient, face: Ima
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=4096))
-def test_decode_never_raises_anything_but_image_error(data: bytes) -> None:
+def test_decode_never_raises_anything_but_a_service_error(data: bytes) -> None:
     try:
         arr = decode_upload(data, max_pixels=1_000_000)
-    except ImageError as exc:
-        assert exc.status in (413, 415, 422)
+    except ServiceError as exc:
+        assert status_for(exc) in (413, 415, 422)
     else:
         assert arr.ndim == 3 and arr.shape[2] == 3 and arr.dtype == np.uint8
 
@@ -195,8 +197,8 @@ def test_decode_of_mutated_png_headers(tail: bytes, size: int) -> None:
     data = _png_header_only(size, size)[:33] + tail
     try:
         decode_upload(data, max_pixels=1_000_000)
-    except ImageError as exc:
-        assert exc.status in (413, 415, 422)
+    except ServiceError as exc:
+        assert status_for(exc) in (413, 415, 422)
 
 
 json_values = st.recursive(
@@ -211,8 +213,8 @@ json_values = st.recursive(
 def test_edits_parser_accepts_only_valid_objects(text: str) -> None:
     try:
         edits = parse_edits(text, ATTRS)
-    except EditError as exc:
-        assert exc.status == 422 and exc.detail
+    except InvalidRequestError as exc:
+        assert status_for(exc) == 422 and exc.detail
     else:
         assert set(edits) <= set(ATTRS)
         assert all(isinstance(v, float) and -1.0 <= v <= 1.0 for v in edits.values())

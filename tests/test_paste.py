@@ -34,7 +34,7 @@ def test_pasted_change_lands_at_the_aligned_position() -> None:
         ix, iy = round(px), round(py)
         # the crop position of the photo pixel actually sampled
         qx, qy, _ = alignment.matrix @ np.array([ix, iy, 1.0])
-        got = region.delta[:, iy - region.y0, ix - region.x0]
+        got = region.delta[:, iy - int(region.box.y0), ix - int(region.box.x0)]
         want = torch.tensor([qx / SIZE, qy / SIZE, 0.0]) * 0.5 * 127.5
         torch.testing.assert_close(got, want.float(), atol=0.05, rtol=0)
 
@@ -49,7 +49,7 @@ def test_restricting_to_the_changed_part_gives_the_same_photo_and_overlay() -> N
     full = paste_region(photo.shape, alignment, delta, mask, restrict=False)
     part = paste_region(photo.shape, alignment, delta, mask)
     assert full is not None and part is not None
-    assert (part.y1 - part.y0) * (part.x1 - part.x0) < 0.25 * (full.y1 - full.y0) * (full.x1 - full.x0)
+    assert part.box.area < 0.25 * full.box.area
     image_full, mask_full = compose(photo, [full])
     image_part, mask_part = compose(photo, [part])
     # equal up to float32 rounding of the sampling grid (a pixel exactly at .5 may round either way)
@@ -62,3 +62,32 @@ def test_restricting_to_the_changed_part_gives_the_same_photo_and_overlay() -> N
 
 def test_nothing_to_paste_when_nothing_changes() -> None:
     assert paste_region((600, 700, 3), _alignment(), torch.zeros(3, SIZE, SIZE), torch.zeros(SIZE, SIZE)) is None
+
+
+def _umeyama(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """The closed form the server used before it called scikit-image (Umeyama 1991), as a reference."""
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    s_c, d_c = src - mu_s, dst - mu_d
+    u, sig, vt = np.linalg.svd(d_c.T @ s_c / len(src))
+    d = np.eye(2)
+    if np.linalg.det(u) * np.linalg.det(vt) < 0:
+        d[1, 1] = -1
+    rot = u @ d @ vt
+    scale = float(np.trace(np.diag(sig) @ d) / ((s_c**2).sum() / len(src)))
+    m = np.eye(3)
+    m[:2, :2] = scale * rot
+    m[:2, 2] = mu_d - scale * rot @ mu_s
+    return m
+
+
+def test_similarity_transform_is_exact_on_a_similarity_and_matches_the_closed_form_on_noisy_landmarks() -> None:
+    rng = np.random.default_rng(0)
+    src = rng.uniform(0, 500, (5, 2))
+    angle, scale, shift = 0.3, 0.4, np.array([12.0, -7.0])
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    dst = src @ (scale * rot).T + shift
+    m = similarity_transform(src, dst)
+    np.testing.assert_allclose(m[:2, :2], scale * rot, atol=1e-9)
+    np.testing.assert_allclose(m[:2, 2], shift, atol=1e-7)
+    noisy = dst + rng.normal(0, 3, dst.shape)
+    np.testing.assert_allclose(similarity_transform(src, noisy), _umeyama(src, noisy), atol=1e-9)

@@ -17,9 +17,11 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from server.admission import Admission
+from server.api.errors import status_for
 from server.app import create_app
 from server.config import Settings
-from server.editor import Admission, EditError
+from server.errors import BusyError
 from server.registry import ServedGenerator
 from tests.server_utils import PHOTOS, make_weights
 from training.trainer import read_training_checkpoint
@@ -62,17 +64,17 @@ def test_admission_refuses_past_the_bound_and_times_out() -> None:
         try:
             with adm:
                 waiter_result.append("ran")
-        except EditError as exc:
+        except BusyError as exc:
             waiter_result.append(exc)
 
     waiter = threading.Thread(target=wait_in_queue)
     waiter.start()
     time.sleep(0.05)
-    with pytest.raises(EditError) as exc, adm:  # running 1 + waiting 1: the third is refused at once
+    with pytest.raises(BusyError) as exc, adm:  # running 1 + waiting 1: the third is refused at once
         pass
-    assert exc.value.status == 503 and exc.value.retry_after
+    assert status_for(exc.value) == 503 and exc.value.retry_after
     waiter.join(5)
-    assert isinstance(waiter_result[0], EditError) and "waited" in waiter_result[0].detail  # timed out
+    assert isinstance(waiter_result[0], BusyError) and "waited" in waiter_result[0].detail  # timed out
     release.set()
     holder.join(5)
     assert adm.stats()["rejected"] == 1 and adm.stats()["timed_out"] == 1 and adm.stats()["in_flight"] == 0

@@ -8,7 +8,7 @@ import anyio
 from fastapi import Depends, Request
 
 from server.config import Settings
-from server.editor import EditService
+from server.service import EditService
 from server.state import AppState
 
 

@@ -3,14 +3,14 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, File, Form, Header, Request, UploadFile
+from fastapi import APIRouter, File, Form, Header, HTTPException, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
 from server.api.deps import ServiceDep, SettingsDep
-from server.editor import EditError
 from server.imaging import JPEG_QUALITY_FULL, b64_images, encode_jpeg
+from server.service import EditRequest
 
 router = APIRouter(prefix="/v1", tags=["edit"])
 
@@ -111,21 +111,22 @@ async def edit(
     if image is not None:
         data = await image.read(settings.max_upload_bytes + 1)
         if len(data) > settings.max_upload_bytes:
-            raise EditError(413, f"upload larger than {settings.max_upload_bytes} bytes")
+            raise HTTPException(413, f"upload larger than {settings.max_upload_bytes} bytes")
     want_png = accept is not None and "image/png" in accept and "application/json" not in accept
     want_jpeg = accept is not None and "image/jpeg" in accept and "application/json" not in accept and not want_png
-    result = await run_in_threadpool(
-        service.edit,
-        data,
-        edits,
-        model,
-        faces,
-        aligned,
-        image.content_type if image is not None else None,
-        overlay and not (want_png or want_jpeg),
-        not (want_png or want_jpeg),
-        photo_id,
+    json_answer = not (want_png or want_jpeg)
+    edit_request = EditRequest(
+        image=data,
+        photo_id=photo_id,
+        edits=edits,
+        model=model,
+        faces=faces,
+        aligned=aligned,
+        content_type=image.content_type if image is not None else None,
+        overlay=overlay and json_answer,
+        crops=json_answer,
     )
+    result = await run_in_threadpool(service.edit, edit_request)
     if want_png:
         png = await run_in_threadpool(result.png)
         return Response(png, media_type="image/png", headers={"X-Photo-Id": result.photo_id})
@@ -145,7 +146,7 @@ async def edit(
         image=image_b64,
         overlay=overlay_b64,
         image_format=image_format,
-        faces=[FaceResult(**f) for f in result.faces],
+        faces=[FaceResult.model_validate(f, from_attributes=True) for f in result.faces],
         timings_ms=timings,
         cache_hit=result.cache_hit,
         photo_id=result.photo_id,

@@ -1,0 +1,55 @@
+"""Admission control: how much edit work the service takes on at once."""
+
+from __future__ import annotations
+
+import threading
+
+from server.errors import BusyError
+
+
+class Admission:
+    """Bounds the work in the service: ``max_running`` at once, ``max_waiting`` more queued.
+
+    Past the bound a request is refused at once (:class:`~server.errors.BusyError`, with a retry delay)
+    instead of letting memory and latency grow; a queued request that waits longer than ``timeout``
+    is refused the same way.
+    """
+
+    def __init__(self, max_running: int, max_waiting: int, timeout: float) -> None:
+        self._admitted = threading.BoundedSemaphore(max_running + max_waiting)
+        self._running = threading.BoundedSemaphore(max_running)
+        self.timeout = timeout
+        self.max_running, self.max_waiting = max_running, max_waiting
+        self.rejected = 0
+        self.timed_out = 0
+        self.in_flight = 0
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> Admission:
+        if not self._admitted.acquire(blocking=False):
+            with self._lock:
+                self.rejected += 1
+            raise BusyError("the service is busy: too many edits queued, retry shortly", retry_after=1)
+        if not self._running.acquire(timeout=self.timeout):
+            self._admitted.release()
+            with self._lock:
+                self.timed_out += 1
+            raise BusyError(f"the edit waited more than {self.timeout:g} s in the queue", retry_after=2)
+        with self._lock:
+            self.in_flight += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self.in_flight -= 1
+        self._running.release()
+        self._admitted.release()
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "running_limit": self.max_running,
+            "queue_limit": self.max_waiting,
+            "in_flight": self.in_flight,
+            "rejected": self.rejected,
+            "timed_out": self.timed_out,
+        }
