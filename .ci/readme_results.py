@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-TARGETS = {"psnr": 30.0, "ssim": 0.93, "mean_edit_success": 0.85, "mean_preservation": 0.93}
-#: Realism targets (lower is better): matched KID×1000 pooled / worst attribute / combined, background change.
-REALISM = {"kid_x1000": 10.0, "kid_x1000_worst": 40.0, "kid_x1000_combined": 15.0, "background_change_worst": 3.0}
+sys.path.insert(0, str(ROOT))
+from training.reports import QUALITY_TARGETS as TARGETS  # noqa: E402 - the targets are written once, there
+from training.reports import REALISM_TARGETS as REALISM  # noqa: E402
 
 log = logging.getLogger("readme_results")
 
@@ -29,9 +30,12 @@ def _mark(value: float, key: str) -> str:
 
 def generator_rows(weights: Path) -> list[str]:
     rows = [
-        "| model | training | split | PSNR (≥ 30 dB) | SSIM (≥ 0.93) | decoder-only PSNR | edit gain "
-        "| edit success (≥ 85%) | preservation (≥ 93%) | matched KID×1000 (≤ 10) | worst attribute (≤ 40) "
-        "| combined edits (≤ 15) | background change (≤ 3) |",
+        f"| model | training | split | PSNR (≥ {TARGETS['psnr']:g} dB) | SSIM (≥ {TARGETS['ssim']:g}) "
+        f"| decoder-only PSNR (≥ {TARGETS['psnr_raw']:g} dB) | edit gain "
+        f"| edit success (≥ {TARGETS['mean_edit_success']:.0%}) | preservation (≥ {TARGETS['mean_preservation']:.0%}) "
+        f"| matched KID×1000 (≤ {REALISM['kid_x1000']:g}) | worst attribute (≤ {REALISM['kid_x1000_worst']:g}) "
+        f"| combined edits (≤ {REALISM['kid_x1000_combined']:g}) "
+        f"| background change (≤ {REALISM['background_change_worst']:g}) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for config_path in sorted(weights.glob("*/config.json")):
@@ -48,7 +52,7 @@ def generator_rows(weights: Path) -> list[str]:
             f"{t.get('steps', '?')} steps, {t.get('wall_hours', '?')} h, {t.get('images_per_s', '?')} img/s"
             f" ({t.get('threads', t.get('train_config', {}).get('threads', '?'))} thread)"
         )
-        raw = f"{m['psnr_raw']:.2f} dB" if "psnr_raw" in m else "—"
+        raw = f"{m['psnr_raw']:.2f} dB {_mark(m['psnr_raw'], 'psnr_raw')}" if "psnr_raw" in m else "—"
         gain = f"×{m.get('edit_gain', 1.0):g}"
         unit = [r for r in metrics.get("calibration", {}).get("rows", []) if r["edit_gain"] == 1.0]
         at_one = ""

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
+import functools
+import json
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+
+from pydantic import TypeAdapter, ValidationError
 
 from models.attributes import CELEBA_ATTRIBUTES, CONDITIONING_MODES, STGAN_ATTRIBUTES, validate_attributes
 
@@ -16,7 +18,27 @@ UPSAMPLING = ("deconv", "resize")
 
 
 @dataclass
-class EncoderDecoderConfig:
+class GeneratorConfig:
+    """What every generator config has: the attributes it edits, the image size and how the
+    condition is fed (``diff``: target − source, ``target``: the target labels)."""
+
+    attributes: tuple[str, ...] = STGAN_ATTRIBUTES
+    image_size: int = 128
+    conditioning: str = "diff"
+    #: An attention-mask head: the output is ``mask * raw + (1 - mask) * input``.
+    mask_head: bool = False
+
+    def __post_init__(self) -> None:
+        self.attributes = validate_attributes(self.attributes)
+        _check_choice("conditioning", self.conditioning, CONDITIONING_MODES)
+
+    @property
+    def n_attrs(self) -> int:
+        return len(self.attributes)
+
+
+@dataclass
+class EncoderDecoderConfig(GeneratorConfig):
     """AttGAN-shaped generator. AttGAN, STGAN and MU-GAN are configurations of it.
 
     Encoder: ``n_layers`` conv 4x4 stride 2 (+norm, LeakyReLU), channels ``base * 2**i`` capped at
@@ -26,10 +48,6 @@ class EncoderDecoderConfig:
     ``n_skip_layers`` decoder layers: plain concat (AttGAN), STU (STGAN) or AUC (MU-GAN).
     """
 
-    attributes: tuple[str, ...] = STGAN_ATTRIBUTES
-    image_size: int = 128
-    conditioning: str = "diff"
-    mask_head: bool = False
     base_channels: int = 64
     max_channels: int = 1024
     n_layers: int = 5
@@ -50,8 +68,7 @@ class EncoderDecoderConfig:
     upsample: str = "deconv"
 
     def __post_init__(self) -> None:
-        self.attributes = validate_attributes(self.attributes)
-        _check_choice("conditioning", self.conditioning, CONDITIONING_MODES)
+        super().__post_init__()
         _check_choice("norm", self.norm, NORMS)
         _check_choice("skip", self.skip, SKIPS)
         _check_choice("upsample", self.upsample, UPSAMPLING)
@@ -66,32 +83,20 @@ class EncoderDecoderConfig:
             if bad:
                 raise ValueError(f"{name} indices {bad} out of range [0, {self.n_layers - 2}]")
 
-    @property
-    def n_attrs(self) -> int:
-        return len(self.attributes)
-
 
 @dataclass
-class StarGANConfig:
+class StarGANConfig(GeneratorConfig):
     """StarGAN generator: target labels tiled and concatenated to the input image."""
 
-    attributes: tuple[str, ...] = STGAN_ATTRIBUTES
-    image_size: int = 128
     conditioning: str = "target"
-    mask_head: bool = False
     base_channels: int = 64
     n_down: int = 2
     n_res_blocks: int = 6
     norm: str = "instance"
 
     def __post_init__(self) -> None:
-        self.attributes = validate_attributes(self.attributes)
-        _check_choice("conditioning", self.conditioning, CONDITIONING_MODES)
+        super().__post_init__()
         _check_choice("norm", self.norm, NORMS)
-
-    @property
-    def n_attrs(self) -> int:
-        return len(self.attributes)
 
 
 @dataclass
@@ -144,45 +149,26 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
 
 
+@functools.cache
+def _adapter(config_cls: type) -> TypeAdapter[Any]:
+    return TypeAdapter(config_cls)
+
+
 def config_from_dict(config_cls: type[C], data: dict[str, Any]) -> C:
-    """Build ``config_cls`` from ``data``; unknown keys or wrong types raise ``ValueError`` naming them."""
-    known = {f.name: f for f in dataclasses.fields(config_cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - set(known))
+    """Build ``config_cls`` from JSON-like ``data`` with pydantic's strict JSON rules (lists for
+    tuples, ints for floats, nothing else converted); unknown keys or wrong types raise ``ValueError``
+    naming them, and the config's own checks (``__post_init__``) run as usual."""
+    known = {f.name for f in dataclasses.fields(config_cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"{config_cls.__name__}: unknown field(s) {', '.join(unknown)}")
-    hints = typing.get_type_hints(config_cls)
-    kwargs = {}
-    for key, value in data.items():
-        kwargs[key] = _coerce(config_cls.__name__, key, hints[key], value)
     try:
-        return config_cls(**kwargs)
-    except TypeError as exc:  # pragma: no cover - dataclass signature errors
-        raise ValueError(f"{config_cls.__name__}: {exc}") from exc
-
-
-def _coerce(owner: str, key: str, hint: Any, value: Any) -> Any:
-    origin = typing.get_origin(hint)
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise ValueError(f"{owner}.{key}: expected a list, got {type(value).__name__}")
-        (item_type, _) = typing.get_args(hint)
-        return tuple(_coerce(owner, key, item_type, v) for v in value)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{owner}.{key}: expected a boolean, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{owner}.{key}: expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"{owner}.{key}: expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{owner}.{key}: expected a string, got {value!r}")
-        return value
-    if isinstance(hint, types.UnionType):  # pragma: no cover - not used by the configs yet
-        return value
-    return value
+        return _adapter(config_cls).validate_json(json.dumps(data), strict=True)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']} (got {err.get('input')!r})"
+            if err["loc"]
+            else err["msg"].removeprefix("Value error, ")
+            for err in exc.errors()
+        )
+        raise ValueError(f"{config_cls.__name__}: {problems}") from None

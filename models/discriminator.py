@@ -1,4 +1,4 @@
-"""Discriminator with adversarial and attribute heads, and the project's attribute classifier."""
+"""The GAN discriminator: adversarial and attribute heads on one conv trunk."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from models.blocks import conv_trunk
-from models.config import ClassifierConfig, DiscriminatorConfig
+from models.config import DiscriminatorConfig
 
 
 class Discriminator(nn.Module):
@@ -30,21 +30,3 @@ class Discriminator(nn.Module):
         for layer in self.trunk:
             h = layer(h)
         return self.adv_head(h).squeeze(1), self.cls_head(h)
-
-
-class AttributeClassifier(nn.Module):
-    """Conv trunk, global average pooling and a linear layer: attribute logits (B, n_attrs)."""
-
-    def __init__(self, config: ClassifierConfig) -> None:
-        super().__init__()
-        self.config = cfg = config
-        self.trunk, channels = conv_trunk(3, cfg.base_channels, cfg.max_channels, cfg.n_layers, cfg.norm)
-        self.head = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(cfg.dropout), nn.Linear(channels[-1], cfg.n_attrs)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x
-        for layer in self.trunk:
-            h = layer(h)
-        return self.head(h)

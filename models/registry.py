@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import nn
 
+from models.classifier import AttributeClassifier
 from models.config import (
     ClassifierConfig,
     DiscriminatorConfig,
@@ -20,7 +21,7 @@ from models.config import (
     StarGANConfig,
     config_from_dict,
 )
-from models.discriminator import AttributeClassifier, Discriminator
+from models.discriminator import Discriminator
 from models.generators import EncoderDecoderGenerator, StarGANGenerator
 
 

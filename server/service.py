@@ -34,7 +34,7 @@ from server.faces import (
     tint_overlay,
 )
 from server.imaging import b64_png, decode_upload, encode_png, is_jpeg
-from server.registry import ModelRegistry, ServedGenerator
+from server.served_models import ModelRegistry, ServedGenerator
 
 PHOTO_ID = re.compile(r"[0-9a-f]{64}")
 

@@ -14,7 +14,7 @@ from server.admission import Admission
 from server.compute import ComputePool
 from server.config import Settings
 from server.faces import FaceDetector
-from server.registry import ModelRegistry
+from server.served_models import ModelRegistry
 from server.service import EditService
 
 log = logging.getLogger(__name__)

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
-from training.options import TrainConfig
-from training.trainer import build_generator, read_training_checkpoint
+from training.checkpoints import read_training_checkpoint
+from training.config import TrainConfig
+from training.networks import build_generator
 
 ROOT = Path(__file__).resolve().parents[1]
 

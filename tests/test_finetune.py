@@ -13,8 +13,8 @@ from safetensors import safe_open
 from models.checkpoint import DISCRIMINATOR_FILE, load_pretrained
 from tests.test_training import tiny_sets
 from training.cli import main as cli
+from training.config import TrainConfig
 from training.export import export_run
-from training.options import TrainConfig
 from training.trainer import Trainer
 
 
@@ -44,7 +44,7 @@ def _trainer_from_release(
     cfg_args = tiny_sets(prepared_cache, tmp_path, *sets)
     run = tmp_path / "ft"
     cli(["train", "--run", str(run), "--init-from", str(release), "--max-steps", "0", *args, *cfg_args])
-    from training.trainer import read_training_checkpoint
+    from training.checkpoints import read_training_checkpoint
 
     _, meta = read_training_checkpoint(run / "checkpoints" / "last.safetensors")
     trainer = Trainer(TrainConfig.from_dict(json.loads(meta["train_config"])), run)
@@ -109,7 +109,7 @@ def test_a_deconv_release_warm_starts_a_resize_generator(prepared_cache: Path, t
     override = 'generator_overrides={"upsample": "resize"}'
     args = ["train", "--run", str(run), "--init-from", str(folder), "--fresh-discriminator", "--max-steps", "0"]
     cli([*args, *tiny_sets(prepared_cache, tmp_path, override)])
-    from training.trainer import ema_generator_from_checkpoint
+    from training.checkpoints import ema_generator_from_checkpoint
 
     _, new, meta = ema_generator_from_checkpoint(run / "checkpoints" / "last.safetensors")
     assert new.config.upsample == "resize" and meta["step"] == "7"

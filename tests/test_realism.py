@@ -13,7 +13,7 @@ import torch
 from models.blocks import ResizeConv, UpBlock, resize_weight_from_deconv
 from models.generators import convert_upsampling
 from models.registry import build, get_preset
-from training.evaluation import choose_gain, selection_score
+from training.metrics import choose_gain, selection_score
 from training.realism import (
     FeatureCache,
     FeatureExtractor,
@@ -24,10 +24,10 @@ from training.realism import (
     fid,
     inception_path,
     kid,
-    realism_markdown,
     realism_penalty,
     realism_report,
 )
+from training.reports import realism_markdown
 
 
 def _inception_or_skip() -> Path:

@@ -22,9 +22,9 @@ from server.api.errors import status_for
 from server.app import create_app
 from server.config import Settings
 from server.errors import BusyError
-from server.registry import ServedGenerator
+from server.served_models import ServedGenerator
 from tests.server_utils import PHOTOS, make_weights
-from training.trainer import read_training_checkpoint
+from training.checkpoints import read_training_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -250,7 +250,7 @@ def test_training_killed_with_sigkill_resumes_from_the_last_complete_checkpoint(
 def test_export_notify_reloads_a_live_server(tmp_path: Path, prepared_cache: Path) -> None:
     from tests.server_utils import live_server
     from training.cli import main as cli
-    from training.options import TrainConfig
+    from training.config import TrainConfig
     from training.trainer import Trainer
 
     weights = make_weights(tmp_path / "w")

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from models.precision import resolve_precision
 from server.app import create_app
 from server.config import Settings
-from server.registry import ModelRegistry
+from server.served_models import ModelRegistry
 from server.state import AppState
 from tests.server_utils import make_weights
 
@@ -53,9 +53,9 @@ def test_auto_precision_is_fp32_without_bf16_units(monkeypatch: pytest.MonkeyPat
 
 
 def test_no_bf16_trial_at_start_up_without_bf16_units(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import server.registry as registry
+    import server.served_models as served_models
 
-    monkeypatch.setattr(registry, "device_has_bf16_units", lambda device: False)
+    monkeypatch.setattr(served_models, "device_has_bf16_units", lambda device: False)
     reg = ModelRegistry.load(make_weights(tmp_path / "w"), torch.device("cpu"), precision="auto")
     served = reg.generators["stgan"]
     assert served.precision == "fp32" and served.speedup_bf16 is None  # no timing trial ran

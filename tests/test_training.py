@@ -12,10 +12,11 @@ import torch
 
 from models.attributes import STGAN_ATTRIBUTES
 from models.checkpoint import CheckpointError, load_pretrained
+from training.checkpoints import ema_generator_from_checkpoint, read_training_checkpoint
 from training.cli import main as cli
-from training.data import DatasetError, prepare_cache, read_index
-from training.options import TrainConfig
-from training.trainer import Trainer, ema_generator_from_checkpoint, read_training_checkpoint, sample_targets
+from training.config import TrainConfig
+from training.data import DatasetError, prepare_cache, read_index, sample_targets
+from training.trainer import Trainer
 
 TINY_SETTINGS = [
     "disc_preset=discriminator-tiny",
@@ -241,7 +242,7 @@ def test_classifier_evaluate_and_export(prepared_cache: Path, tmp_path: Path) ->
 
 
 def test_choose_gain_prefers_the_strongest_edit_that_keeps_the_other_attributes() -> None:
-    from training.evaluation import choose_gain
+    from training.metrics import choose_gain
 
     rows = [
         {"edit_gain": 1.0, "mean_edit_success": 0.40, "mean_preservation": 0.97},
@@ -299,7 +300,7 @@ def test_cli_reports_dataset_errors_without_a_traceback(tmp_path: Path, caplog: 
 
 
 def test_selection_never_trades_the_reconstruction_targets_for_edits() -> None:
-    from training.evaluation import selection_score
+    from training.metrics import selection_score
 
     meets = {"psnr": 31.0, "ssim": 0.95, "mean_edit_success": 0.55, "mean_preservation": 0.94}
     sharper_edits = meets | {"mean_edit_success": 0.70}
@@ -312,7 +313,7 @@ def test_selection_never_trades_the_reconstruction_targets_for_edits() -> None:
 
 
 def test_a_resumed_run_rescores_its_best_checkpoint(prepared_cache: Path, tmp_path: Path) -> None:
-    from training.evaluation import selection_score
+    from training.metrics import selection_score
 
     trainer = Trainer(tiny_config(prepared_cache, tmp_path), tmp_path / "run")
     trainer.fit(max_steps=1)

@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from models.checkpoint import save_pretrained
-from models.device import pick_device
+from models.device import machine_description, pick_device
 from models.registry import build, get_preset
 from training.data import CachedFaces, StepSampler, read_meta, step_generator
+from training.reports import classifier_card
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,8 @@ def train_classifier(
         "images_per_s": round(step * batch_size / wall, 1),
         "history": history,
         "threads": torch.get_num_threads(),
+        "device": str(device),
+        "machine": machine_description(),
     }
     save_pretrained(
         out_dir,
@@ -127,30 +130,3 @@ def train_classifier(
     )
     log.info("saved %s (val mean accuracy %.4f)", out_dir, best_acc)
     return metrics
-
-
-def classifier_card(name: str, attributes: tuple[str, ...], metrics: dict, training: dict) -> str:
-    import platform
-
-    rows = "\n".join(f"| {a} | {metrics['val_accuracy'][a]:.1%} |" for a in attributes)
-    return f"""# {name}: attribute classifier
-
-Predicts the {len(attributes)} CelebA attributes of an aligned 128x128 face. Used by `python -m training
-evaluate` to judge edits, and by the server to show a face's current attributes beside the sliders.
-
-Trained with `python -m training classifier` on the train split of celebahq-128; the epoch with
-the best mean accuracy on the val split was kept.
-
-- steps: {training["steps"]} (batch {training["batch_size"]}, {training["epochs_run"]} epochs)
-- wall time: {training["wall_seconds"] / 60:.1f} min, {training["images_per_s"]} images/s,
-  {training["threads"]} CPU threads
-- machine: {platform.machine()}, {platform.processor() or "CPU"}, no GPU (measured by the command above)
-- **val mean accuracy: {metrics["val_mean_accuracy"]:.2%}**
-
-Licence: trained on CelebA-HQ / CelebA labels, which are released for non-commercial research
-purposes only; these weights inherit that restriction.
-
-| attribute | val accuracy |
-|---|---|
-{rows}
-"""

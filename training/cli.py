@@ -49,8 +49,9 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     import torch
 
-    from training.options import TrainConfig
-    from training.trainer import Trainer, read_training_checkpoint
+    from training.checkpoints import read_training_checkpoint
+    from training.config import TrainConfig
+    from training.trainer import Trainer
 
     run_dir = Path(args.run)
     ckpt = run_dir / "checkpoints" / "last.safetensors"
@@ -58,7 +59,6 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.resume and ckpt.is_file():
         _, meta = read_training_checkpoint(ckpt)
         data = json.loads(meta["train_config"]) | overrides
-        cfg = TrainConfig.from_dict(data)
     else:
         if args.resume:
             log.info("no checkpoint in %s yet: starting a new run", run_dir)
@@ -74,9 +74,11 @@ def cmd_train(args: argparse.Namespace) -> None:
             raise SystemExit("--add-attributes extends a released model: use it with --init-from weights/<name>")
         if args.init_from and Path(args.init_from).is_dir():
             data = release_train_config(Path(args.init_from), data, add)
-        cfg = TrainConfig.from_dict(data)
+        if args.init_from:
+            data["init_from"] = str(args.init_from)
     if args.threads:
-        cfg.threads = args.threads
+        data["threads"] = args.threads
+    cfg = TrainConfig.from_dict(data)  # built once; nothing changes it afterwards (it is frozen)
     if args.data and not (args.resume and ckpt.is_file()):
         ensure_cache(cfg)
     trainer = Trainer(cfg, run_dir)

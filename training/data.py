@@ -275,3 +275,33 @@ class StepSampler:
 def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
     """A torch RNG for everything random in one training step (resume needs no RNG state)."""
     return torch.Generator().manual_seed((seed * 7_919 + step * 104_729 + salt) % (2**63 - 1))
+
+
+def sample_targets(
+    c_src: torch.Tensor, generator: torch.Generator, groups: list[list[int]], single_flip_fraction: float
+) -> torch.Tensor:
+    """Targets: another image's labels (STGAN) or, for a fraction, one flipped attribute.
+
+    Members of an exclusive group (hair colours) never end up on together: the one just switched on
+    wins, otherwise a random one of those on is kept.
+    """
+    b, n = c_src.shape
+    c_trg = c_src[torch.randperm(b, generator=generator)].clone()
+    single = torch.rand(b, generator=generator) < single_flip_fraction
+    attr = torch.randint(n, (b,), generator=generator)
+    rows = torch.arange(b)
+    flipped = c_src.clone()
+    flipped[rows, attr] = 1 - flipped[rows, attr]
+    c_trg[single] = flipped[single]
+    tie_break = torch.rand(b, n, generator=generator)
+    for group in groups:
+        g = torch.tensor(group)
+        on = c_trg[:, g] > 0.5
+        for r in (on.sum(1) > 1).nonzero(as_tuple=True)[0].tolist():
+            preferred = int(attr[r]) if bool(single[r]) and int(attr[r]) in group and c_trg[r, attr[r]] > 0.5 else None
+            if preferred is None:
+                candidates = g[on[r]]
+                preferred = int(candidates[tie_break[r, candidates].argmax()])
+            c_trg[r, g] = 0
+            c_trg[r, preferred] = 1
+    return c_trg

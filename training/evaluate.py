@@ -11,11 +11,12 @@ import torch
 from models.checkpoint import CONFIG_FILE, load_pretrained, read_config, write_config
 from models.device import pick_device
 from models.generators import AttributeGenerator
+from training.checkpoints import ema_generator_from_checkpoint
 from training.data import CachedFaces
-from training.evaluation import choose_gain, evaluate_generator, markdown_table
-from training.export import SAMPLES_FILE, update_metrics, write_card, write_samples
+from training.export import update_metrics, write_release_samples
+from training.metrics import choose_gain, evaluate_generator
 from training.realism import RealismConfig, RealismInputs, RealismUnavailableError, realism_inputs, realism_on_split
-from training.trainer import ema_generator_from_checkpoint
+from training.reports import SAMPLES_FILE, markdown_table, write_card
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +206,7 @@ def calibrate_command(
         log.info("dropping the test metrics measured at gain %s", metrics["test"].get("edit_gain", 1.0))
         del metrics["test"]
     write_config(folder, doc)
-    write_samples(gen.cpu(), cache_dir, folder / SAMPLES_FILE, n_samples, gain=chosen)
+    write_release_samples(gen.cpu(), cache_dir, folder / SAMPLES_FILE, n_samples, gain=chosen)
     write_card(folder)
     log.info("edit gain of %s: %s", folder, chosen)
     return chosen
@@ -214,5 +215,5 @@ def calibrate_command(
 def grid_command(model: str, cache_dir: str, split: str, out: str, n: int, offset: int) -> None:
     gen, gain = load_generator(model)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    write_samples(gen, cache_dir, Path(out), n, split=split, offset=offset, gain=gain)
+    write_release_samples(gen, cache_dir, Path(out), n, split=split, offset=offset, gain=gain)
     log.info("wrote %s", out)

@@ -1,11 +1,19 @@
-"""Losses as pure functions returning ``(loss, logs)``; logs hold detached floats for the bar/TensorBoard."""
+"""Losses as pure functions returning ``(loss, logs)``; logs hold detached floats for the bar/TensorBoard.
+
+The terms first, then :func:`discriminator_loss` and :func:`generator_loss`, which run the networks
+and sum the terms of one training step (stargan-v2's ``compute_d_loss`` / ``compute_g_loss``)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from training.config import TrainConfig
 
 Logs = dict[str, float]
 
@@ -131,3 +139,101 @@ def mask_regularisation(
         "mask_floor": hinge.item(),
     }
     return l1, tv, hinge, logs
+
+
+# ---------------------------------------------------------------------------- the loss sums of one step
+def discriminator_loss(
+    discriminator: nn.Module,
+    x_real: torch.Tensor,
+    x_fake: torch.Tensor,
+    c_src: torch.Tensor,
+    cfg: TrainConfig,
+    *,
+    label_frequency: torch.Tensor,
+    use_r1: bool,
+    rng: torch.Generator,
+    autocast: Callable[[], AbstractContextManager[Any]],
+) -> tuple[torch.Tensor, Logs]:
+    """D's loss on a real batch and a (detached) fake one: adversarial, attribute classification of the
+    real faces (class-balanced when ``cfg.d_cls_balance_max > 1``), and the gradient penalty (WGAN-GP)
+    or lazy R1 (``use_r1``: this step is an R1 step)."""
+    logs: Logs = {}
+    x_in = x_real.detach().requires_grad_(use_r1)
+    with autocast():
+        real_adv, real_cls = discriminator(x_in)
+        fake_adv, _ = discriminator(x_fake)
+    d_adv, lg = d_adversarial(real_adv, fake_adv, cfg.gan_loss)
+    logs |= lg
+    weight = (
+        balanced_label_weights(c_src, label_frequency, cfg.d_cls_balance_max) if cfg.d_cls_balance_max > 1.0 else None
+    )
+    d_cls, lg = attribute_bce(real_cls, c_src, "d_cls", weight)
+    logs |= lg
+    d_loss = d_adv + cfg.lambda_d_cls * d_cls
+    if cfg.gan_loss == "wgan":
+
+        def critic(x: torch.Tensor) -> torch.Tensor:
+            with autocast():
+                return discriminator(x)[0]
+
+        gp, lg = gradient_penalty(critic, x_real, x_fake, rng)
+        logs |= lg
+        d_loss = d_loss + cfg.lambda_gp * gp
+    elif use_r1:
+        r1, lg = r1_penalty(real_adv, x_in)
+        logs |= lg
+        d_loss = d_loss + 0.5 * cfg.r1_gamma * cfg.r1_interval * r1
+    return d_loss, logs
+
+
+def generator_loss(
+    generator: nn.Module,
+    discriminator: nn.Module,
+    x_real: torch.Tensor,
+    c_src: torch.Tensor,
+    c_trg: torch.Tensor,
+    cond: torch.Tensor,
+    cond_rec: torch.Tensor,
+    cfg: TrainConfig,
+    *,
+    background_weight: torch.Tensor,
+    mask_weight_map: torch.Tensor | None,
+    autocast: Callable[[], AbstractContextManager[Any]],
+) -> tuple[torch.Tensor, Logs]:
+    """G's loss: fool D, be classified as the target (over all attributes and over the changed ones),
+    reconstruct at zero difference, leave the background alone, and, with a mask head, the raw
+    decoder reconstruction and the mask's regularisers. ``cond`` / ``cond_rec``: the condition
+    vectors of the edit and of the reconstruction."""
+    logs: Logs = {}
+    with autocast():
+        encoded = generator.encode(x_real)
+        x_fake, mask_fake = generator.decode(encoded, cond)
+        x_rec_raw, mask_rec = generator.decode_parts(encoded, cond_rec)
+        fake_adv, fake_cls = discriminator(x_fake)
+    x_rec = x_rec_raw if mask_rec is None else mask_rec * x_rec_raw + (1 - mask_rec) * x_real
+    g_adv, lg = g_adversarial(fake_adv, cfg.gan_loss)
+    logs |= lg
+    g_cls, lg = attribute_bce(fake_cls, c_trg, "g_cls")
+    logs |= lg
+    g_rec, lg = reconstruction_l1(x_rec, x_real)
+    logs |= lg
+    g_loss = g_adv + cfg.lambda_g_cls * g_cls + cfg.lambda_rec * g_rec
+    if cfg.lambda_background > 0:
+        g_bg, lg = background_change(x_fake, x_real, background_weight)
+        logs |= lg
+        g_loss = g_loss + cfg.lambda_background * g_bg
+    if cfg.lambda_g_cls_changed > 0:
+        g_cls_changed, lg = changed_attribute_bce(fake_cls, c_trg, c_src)
+        logs |= lg
+        g_loss = g_loss + cfg.lambda_g_cls_changed * g_cls_changed
+    if generator.config.mask_head:
+        # The raw decoder output must reconstruct too: then opening the mask costs the
+        # reconstruction nothing, and the mask is free to mark only what an edit changes.
+        g_rec_raw, _ = reconstruction_l1(x_rec_raw, x_real)
+        logs["g_rec_raw"] = g_rec_raw.item()
+        g_loss = g_loss + cfg.lambda_rec_raw * g_rec_raw
+        edited = (c_trg != c_src).any(dim=1)
+        m_l1, m_tv, m_floor, lg = mask_regularisation(mask_fake, edited, cfg.mask_floor, mask_weight_map)
+        logs |= lg
+        g_loss = g_loss + cfg.lambda_mask_l1 * m_l1 + cfg.lambda_mask_tv * m_tv + cfg.lambda_mask_floor * m_floor
+    return g_loss, logs

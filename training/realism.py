@@ -384,20 +384,11 @@ def realism_report(
     return report
 
 
-#: The issue's realism targets (test split, served setting).
-REALISM_TARGETS = {
-    "kid_x1000": 10.0,
-    "kid_x1000_worst": 40.0,
-    "kid_x1000_combined": 15.0,
-    "background_change_worst": 3.0,
-}
-
-
 def realism_penalty(metrics: dict) -> float:
     """What checkpoint selection and gain calibration subtract for unrealistic or non-local edits:
     0.005 per unit of pooled matched KID×1000 and per unit (0-255) of the worst background change.
     A checkpoint whose KID rises from 10 to 30 loses 0.1, as much as 20 points of edit success are
-    worth in :func:`training.evaluation.selection_score`."""
+    worth in :func:`training.metrics.selection_score`."""
     r = metrics.get("realism")
     if not r:
         return 0.0
@@ -449,59 +440,3 @@ def realism_on_split(
     attributes = tuple(generator.config.attributes)
     i = inputs or realism_inputs(cache_dir, split, attributes)
     return realism_report(generator, i.faces, i.other, attributes, i.cache, gain, config, precision, device, progress)
-
-
-def realism_markdown(report: dict) -> str:
-    """The realism section of a card / README: pooled, combined, per attribute, against the targets.
-    A validation probe (no floor, no combined edits) gets one line."""
-    p = report["protocol"]
-    if "kid_x1000_floor" not in report:
-        return (
-            f"Realism probe ({p['n_faces']} {p['split'].rsplit(':', 2)[-2]} faces × 13 single edits, gain "
-            f"×{p['edit_gain']:g}): matched KID×1000 {report['kid_x1000']:.1f}, worst attribute "
-            f"{report.get('kid_x1000_worst', float('nan')):.1f}, worst background change "
-            f"{report['background_change_worst']:.2f}.\n"
-        )
-
-    def mark(key: str, value: float) -> str:
-        target = REALISM_TARGETS.get(key)
-        return "" if target is None else (" ✅" if value <= target else " ❌")
-
-    lines = [
-        f"Realism on the {p['split'].rsplit(':', 2)[-2]} split at edit gain ×{p['edit_gain']:g}: "
-        f"{p['n_faces']} faces × {p['single_edits'] // max(p['n_faces'], 1)} single edits at a slider's end, "
-        f"{p['combined_edits']} combined edits (2-4 sliders at random strengths in [0.5, 1]); each edit is "
-        f"compared with a real face of the same split that has the edit's target labels. KID×1000: "
-        f"polynomial kernel, {p['kid_subsets']} subsets of {p['kid_subset_size_pooled']} (pooled) / "
-        f"{p['kid_subset_size_per_attribute']} (per attribute). Floor: real faces of the "
-        f"{p['floor_split'].rsplit(':', 2)[-2]} split drawn the same way (a perfect editor).",
-        "",
-        "| measure | edits | floor | target |",
-        "|---|---|---|---|",
-        f"| matched KID×1000, single edits, pooled | {report['kid_x1000']:.1f}{mark('kid_x1000', report['kid_x1000'])}"
-        f" | {report['kid_x1000_floor']:.1f} | ≤ {REALISM_TARGETS['kid_x1000']:g} |",
-        f"| matched KID×1000, worst attribute | {report['kid_x1000_worst']:.1f}"
-        f"{mark('kid_x1000_worst', report['kid_x1000_worst'])} | "
-        f"{max(report['kid_x1000_floor_per_attribute'].values()):.1f} | ≤ {REALISM_TARGETS['kid_x1000_worst']:g} |",
-    ]
-    if "kid_x1000_combined" in report:
-        c = report["kid_x1000_combined"]
-        lines.append(
-            f"| matched KID×1000, combined edits | {c:.1f}{mark('kid_x1000_combined', c)} | "
-            f"{report['kid_x1000_combined_floor']:.1f} | ≤ {REALISM_TARGETS['kid_x1000_combined']:g} |"
-        )
-    lines += [
-        f"| matched FID, single edits (biased at this size) | {report['fid']:.1f} | {report['fid_floor']:.1f} | |",
-        f"| background change, worst attribute (0-255) | {report['background_change_worst']:.2f}"
-        f"{mark('background_change_worst', report['background_change_worst'])} | 0 | "
-        f"≤ {REALISM_TARGETS['background_change_worst']:g} |",
-        "",
-        "| attribute | matched KID×1000 | floor | background change |",
-        "|---|---|---|---|",
-    ]
-    for name, value in report["kid_x1000_per_attribute"].items():
-        lines.append(
-            f"| {name} | {value:.1f} | {report['kid_x1000_floor_per_attribute'][name]:.1f} | "
-            f"{report['background_change'][name]:.2f} |"
-        )
-    return "\n".join(lines) + "\n"

@@ -1,14 +1,13 @@
 """The GAN training loop: STGAN, MU-GAN, AttGAN and StarGAN share it (they differ in config only).
 
 Every step is a pure function of (state, step): the batch comes from :class:`StepSampler` and all
-randomness from :func:`step_generator`, so ``--resume`` continues bit-exactly. Checkpoints are single
-safetensors files (tensors + JSON metadata) written to a temp file and renamed.
+randomness from :func:`step_generator`, so ``--resume`` continues bit-exactly. The loss sums are in
+:mod:`training.losses`, the checkpoint format in :mod:`training.checkpoints`.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
 import math
@@ -19,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
@@ -29,7 +26,6 @@ from models.checkpoint import (
     DISCRIMINATOR_FILE,
     WEIGHTS_FILE,
     CheckpointError,
-    atomic_save_tensors,
     atomic_write_bytes,
     check_state_dict,
     load_pretrained,
@@ -37,79 +33,17 @@ from models.checkpoint import (
     read_tensors,
 )
 from models.config import config_to_dict
-from models.generators import AttributeGenerator, convert_upsampling, grow_state_dict
+from models.generators import convert_upsampling, grow_state_dict
 from models.precision import autocast, describe_cpu_bf16, resolve_precision
-from models.registry import build, get_preset, parse_config
 from training import distributed, losses
-from training.data import CachedFaces, DatasetError, StepSampler, step_generator
-from training.evaluation import evaluate_generator, selection_score
-from training.options import TrainConfig
+from training.checkpoints import load_networks, load_optimizers, read_training_checkpoint, write_training_checkpoint
+from training.config import TrainConfig
+from training.data import CachedFaces, DatasetError, StepSampler, sample_targets, step_generator
+from training.metrics import evaluate_generator, selection_score
+from training.networks import build_discriminator, build_generator
 from training.visualize import edit_grid
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_FORMAT = "face-attr-training-checkpoint/1"
-
-
-def build_generator(cfg: TrainConfig) -> tuple[str, AttributeGenerator]:
-    arch, gcfg = get_preset(cfg.preset)
-    gcfg = dataclasses.replace(gcfg, attributes=tuple(cfg.attributes), **cfg.generator_overrides)
-    return arch, build(arch, gcfg)  # type: ignore[return-value]
-
-
-def build_discriminator(cfg: TrainConfig, image_size: int) -> nn.Module:
-    arch, dcfg = get_preset(cfg.disc_preset)
-    dcfg = dataclasses.replace(dcfg, n_attrs=len(cfg.attributes), image_size=image_size)
-    return build(arch, dcfg)
-
-
-def sample_targets(
-    c_src: torch.Tensor, generator: torch.Generator, groups: list[list[int]], single_flip_fraction: float
-) -> torch.Tensor:
-    """Targets: another image's labels (STGAN) or, for a fraction, one flipped attribute.
-
-    Members of an exclusive group (hair colours) never end up on together: the one just switched on
-    wins, otherwise a random one of those on is kept.
-    """
-    b, n = c_src.shape
-    c_trg = c_src[torch.randperm(b, generator=generator)].clone()
-    single = torch.rand(b, generator=generator) < single_flip_fraction
-    attr = torch.randint(n, (b,), generator=generator)
-    rows = torch.arange(b)
-    flipped = c_src.clone()
-    flipped[rows, attr] = 1 - flipped[rows, attr]
-    c_trg[single] = flipped[single]
-    tie_break = torch.rand(b, n, generator=generator)
-    for group in groups:
-        g = torch.tensor(group)
-        on = c_trg[:, g] > 0.5
-        for r in (on.sum(1) > 1).nonzero(as_tuple=True)[0].tolist():
-            preferred = int(attr[r]) if bool(single[r]) and int(attr[r]) in group and c_trg[r, attr[r]] > 0.5 else None
-            if preferred is None:
-                candidates = g[on[r]]
-                preferred = int(candidates[tie_break[r, candidates].argmax()])
-            c_trg[r, g] = 0
-            c_trg[r, preferred] = 1
-    return c_trg
-
-
-def flatten_optimizer(prefix: str, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], str]:
-    sd = opt.state_dict()
-    tensors = {}
-    for pid, state in sd["state"].items():
-        for key, value in state.items():
-            tensors[f"{prefix}.{pid}.{key}"] = (value if torch.is_tensor(value) else torch.tensor(value)).contiguous()
-    return tensors, json.dumps(sd["param_groups"])
-
-
-def unflatten_optimizer(prefix: str, tensors: dict[str, torch.Tensor], groups_json: str) -> dict[str, Any]:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for name, value in tensors.items():
-        if not name.startswith(prefix + "."):
-            continue
-        pid, key = name[len(prefix) + 1 :].split(".", 1)
-        state.setdefault(int(pid), {})[key] = value
-    return {"state": state, "param_groups": json.loads(groups_json)}
 
 
 class Trainer:
@@ -222,33 +156,18 @@ class Trainer:
             with torch.no_grad(), self._autocast():
                 x_fake = self.G(x_real, cond)[0].float()
             use_r1 = cfg.gan_loss == "nsgan" and cfg.r1_gamma > 0 and step % cfg.r1_interval == 0
-            x_in = x_real.detach().requires_grad_(use_r1)
-            with self._autocast():
-                real_adv, real_cls = self.D(x_in)
-                fake_adv, _ = self.D(x_fake)
-            d_adv, lg = losses.d_adversarial(real_adv, fake_adv, cfg.gan_loss)
-            logs |= lg
-            weight = (
-                losses.balanced_label_weights(c_src, self.label_frequency, cfg.d_cls_balance_max)
-                if cfg.d_cls_balance_max > 1.0
-                else None
+            d_loss, lg = losses.discriminator_loss(
+                self.D,
+                x_real,
+                x_fake,
+                c_src,
+                cfg,
+                label_frequency=self.label_frequency,
+                use_r1=use_r1,
+                rng=gen,
+                autocast=self._autocast,
             )
-            d_cls, lg = losses.attribute_bce(real_cls, c_src, "d_cls", weight)
             logs |= lg
-            d_loss = d_adv + cfg.lambda_d_cls * d_cls
-            if cfg.gan_loss == "wgan":
-
-                def critic(x: torch.Tensor) -> torch.Tensor:
-                    with self._autocast():
-                        return self.D(x)[0]
-
-                gp, lg = losses.gradient_penalty(critic, x_real, x_fake, gen)
-                logs |= lg
-                d_loss = d_loss + cfg.lambda_gp * gp
-            elif use_r1:
-                r1, lg = losses.r1_penalty(real_adv, x_in)
-                logs |= lg
-                d_loss = d_loss + 0.5 * cfg.r1_gamma * cfg.r1_interval * r1
             self.opt_D.zero_grad(set_to_none=True)
             d_loss.backward()
             distributed.average_gradients(self.D)
@@ -257,39 +176,20 @@ class Trainer:
 
         # ---- generator
         self.D.requires_grad_(False)
-        with self._autocast():
-            encoded = self.G.encode(x_real)
-            x_fake, mask_fake = self.G.decode(encoded, cond)
-            x_rec_raw, mask_rec = self.G.decode_parts(encoded, cond_rec)
-            fake_adv, fake_cls = self.D(x_fake)
-        x_rec = x_rec_raw if mask_rec is None else mask_rec * x_rec_raw + (1 - mask_rec) * x_real
-        g_adv, lg = losses.g_adversarial(fake_adv, cfg.gan_loss)
+        g_loss, lg = losses.generator_loss(
+            self.G,
+            self.D,
+            x_real,
+            c_src,
+            c_trg,
+            cond,
+            cond_rec,
+            cfg,
+            background_weight=self.background_weight,
+            mask_weight_map=self.mask_weight_map,
+            autocast=self._autocast,
+        )
         logs |= lg
-        g_cls, lg = losses.attribute_bce(fake_cls, c_trg, "g_cls")
-        logs |= lg
-        g_rec, lg = losses.reconstruction_l1(x_rec, x_real)
-        logs |= lg
-        g_loss = g_adv + cfg.lambda_g_cls * g_cls + cfg.lambda_rec * g_rec
-        if cfg.lambda_background > 0:
-            g_bg, lg = losses.background_change(x_fake, x_real, self.background_weight)
-            logs |= lg
-            g_loss = g_loss + cfg.lambda_background * g_bg
-        if cfg.lambda_g_cls_changed > 0:
-            g_cls_changed, lg = losses.changed_attribute_bce(fake_cls, c_trg, c_src)
-            logs |= lg
-            g_loss = g_loss + cfg.lambda_g_cls_changed * g_cls_changed
-        if self.G.config.mask_head:
-            # The raw decoder output must reconstruct too: then opening the mask costs the
-            # reconstruction nothing, and the mask is free to mark only what an edit changes.
-            g_rec_raw, _ = losses.reconstruction_l1(x_rec_raw, x_real)
-            logs["g_rec_raw"] = g_rec_raw.item()
-            g_loss = g_loss + cfg.lambda_rec_raw * g_rec_raw
-            edited = (c_trg != c_src).any(dim=1)
-            m_l1, m_tv, m_floor, lg = losses.mask_regularisation(
-                mask_fake, edited, cfg.mask_floor, self.mask_weight_map
-            )
-            logs |= lg
-            g_loss = g_loss + cfg.lambda_mask_l1 * m_l1 + cfg.lambda_mask_tv * m_tv + cfg.lambda_mask_floor * m_floor
         self.opt_G.zero_grad(set_to_none=True)
         g_loss.backward()
         distributed.average_gradients(self.G)
@@ -316,14 +216,7 @@ class Trainer:
         path = self.checkpoint_path(name)
         if not self.is_main:
             return path
-        tensors: dict[str, torch.Tensor] = {}
-        for prefix, module in (("G", self.G), ("D", self.D), ("G_ema", self.G_ema)):
-            tensors |= {f"{prefix}.{k}": v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-        opt_g, groups_g = flatten_optimizer("opt_G", self.opt_G)
-        opt_d, groups_d = flatten_optimizer("opt_D", self.opt_D)
-        tensors |= {k: v.cpu() for k, v in (opt_g | opt_d).items()}
         metadata = {
-            "format": CHECKPOINT_FORMAT,
             "train_config": json.dumps(self.cfg.to_dict()),
             "architecture": self.arch,
             "generator_config": json.dumps(config_to_dict(self.G.config)),
@@ -333,22 +226,20 @@ class Trainer:
             "images_seen": str(self.images_seen),
             "best_score": repr(self.best_score),
             "best_metrics": json.dumps(self.best_metrics),
-            "opt_G.param_groups": groups_g,
-            "opt_D.param_groups": groups_d,
         }
-        atomic_save_tensors(path, tensors, metadata)
-        return path
+        return write_training_checkpoint(path, self._networks(), self._optimizers(), metadata)
+
+    def _networks(self) -> dict[str, nn.Module]:
+        return {"G": self.G, "D": self.D, "G_ema": self.G_ema}
+
+    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"opt_G": self.opt_G, "opt_D": self.opt_D}
 
     def _load_networks(self, path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """G, D and G_ema from a training checkpoint, and the step/time/image counters; returns its
         tensors and metadata for the caller's optimiser and selection state."""
         tensors, meta = read_training_checkpoint(path)
-        for prefix, module in (("G", self.G), ("D", self.D), ("G_ema", self.G_ema)):
-            sub = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-            try:
-                module.load_state_dict(sub)
-            except RuntimeError as exc:
-                raise CheckpointError(f"{path}: its {prefix} does not fit this run's network ({exc})") from None
+        load_networks(path, tensors, self._networks())
         self.step = int(meta["step"])
         self.elapsed = float(meta["elapsed_seconds"])
         self.images_seen = int(meta["images_seen"])
@@ -356,20 +247,15 @@ class Trainer:
 
     def load_checkpoint(self, path: str | Path) -> None:
         tensors, meta = self._load_networks(path)
-        self.opt_G.load_state_dict(unflatten_optimizer("opt_G", tensors, meta["opt_G.param_groups"]))
-        self.opt_D.load_state_dict(unflatten_optimizer("opt_D", tensors, meta["opt_D.param_groups"]))
-        for opt in (self.opt_G, self.opt_D):  # keep optimiser state in the parameters' memory format
-            for p, state in opt.state.items():
-                for k, v in state.items():
-                    if torch.is_tensor(v) and v.shape == p.shape and v.dim() == 4:
-                        state[k] = v.contiguous(memory_format=self.memory_format)
+        load_optimizers(tensors, meta, self._optimizers(), self.memory_format)
         self.best_metrics = json.loads(meta.get("best_metrics", "{}"))
         # re-scored, so a run resumed under a changed selection rule compares like with like
         self.best_score = selection_score(self.best_metrics) if self.best_metrics else float(meta["best_score"])
 
     def init_from(self, path: str | Path, fresh_discriminator: bool = False) -> None:
         """Warm start: the networks of another run's checkpoint or of a released model folder
-        (``weights/<name>``), fresh optimisers and selection.
+        (``weights/<name>``), fresh optimisers and selection. The run's config names the parent
+        (``init_from``, set when the config was built), for the card.
 
         The step, wall-time and image counters carry on from the parent, so cards report the total
         training a model has had. The generator config may differ from the parent's where the
@@ -382,7 +268,6 @@ class Trainer:
         else:
             self._load_networks(path)
         self.best_score, self.best_metrics = -math.inf, {}
-        self.cfg.init_from = str(path)
 
     def _load_release(self, folder: Path, fresh_discriminator: bool) -> None:
         doc = read_config(folder)
@@ -617,27 +502,3 @@ class _StopFlag:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def read_training_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no checkpoint there")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-        tensors = load_file(str(path))
-    except Exception as exc:  # safetensors raises several types for broken files
-        raise CheckpointError(f"{path}: unreadable checkpoint ({exc})") from None
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a training checkpoint of this project")
-    return tensors, meta
-
-
-def ema_generator_from_checkpoint(path: str | Path) -> tuple[str, AttributeGenerator, dict[str, str]]:
-    """The EMA generator stored in a training checkpoint (for evaluate/export)."""
-    tensors, meta = read_training_checkpoint(path)
-    arch = meta["architecture"]
-    gen = build(arch, parse_config(arch, json.loads(meta["generator_config"])))
-    gen.load_state_dict({k[len("G_ema.") :]: v for k, v in tensors.items() if k.startswith("G_ema.")})
-    return arch, gen.eval(), meta  # type: ignore[return-value]

@@ -8,7 +8,7 @@ from PIL import Image, ImageDraw
 
 from models.attributes import condition_vector, exclusive_groups_for
 from models.generators import AttributeGenerator
-from training.evaluation import flip_targets, to_uint8
+from training.metrics import flip_targets, to_uint8
 
 HEADER = 14
 

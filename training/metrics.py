@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from skimage.metrics import structural_similarity
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from torch import nn
 
 from models.attributes import condition_vector, exclusive_groups_for
 from models.generators import AttributeGenerator
-from training.realism import realism_markdown, realism_penalty
+from training.realism import realism_penalty
+from training.reports import QUALITY_TARGETS
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -25,8 +26,8 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 def psnr_ssim(a: np.ndarray, b: np.ndarray) -> tuple[list[float], list[float]]:
     psnrs, ssims = [], []
     for x, y in zip(a, b, strict=True):
-        mse = np.mean((x.astype(np.float64) - y.astype(np.float64)) ** 2)
-        psnrs.append(float(100.0 if mse == 0 else 10 * np.log10(255.0**2 / mse)))
+        # identical images have an infinite PSNR; 100 dB stands for it so means stay finite
+        psnrs.append(100.0 if np.array_equal(x, y) else float(peak_signal_noise_ratio(x, y, data_range=255)))
         ssims.append(float(structural_similarity(x, y, channel_axis=2, data_range=255)))
     return psnrs, ssims
 
@@ -134,8 +135,8 @@ def evaluate_generator(
     return out
 
 
-#: The issue's reconstruction targets; a checkpoint that misses them ranks below every one that meets them.
-RECONSTRUCTION_TARGETS = {"psnr": 30.0, "ssim": 0.93}
+#: The reconstruction targets: a checkpoint that misses them ranks below every one that meets them.
+RECONSTRUCTION_TARGETS = {k: QUALITY_TARGETS[k] for k in ("psnr", "ssim")}
 
 
 def selection_score(metrics: dict) -> float:
@@ -163,53 +164,3 @@ def choose_gain(rows: list[dict], min_preservation: float) -> float:
         return 1.0
     best = max(ok, key=lambda r: (round(r["mean_edit_success"] - realism_penalty(r), 6), -r["edit_gain"]))
     return float(best["edit_gain"])
-
-
-def calibration_table(calibration: dict) -> str:
-    lines = [
-        f"Edit gain chosen on {calibration['n_images']} {calibration['split']} faces: the highest mean edit "
-        f"success with mean preservation ≥ {calibration['min_preservation']:.0%}.",
-        "",
-        "| edit gain | edit success | preservation | matched KID×1000 (probe) | background change, worst |",
-        "|---|---|---|---|---|",
-    ]
-    for r in calibration["rows"]:
-        mark = " ← served" if r["edit_gain"] == calibration["chosen"] else ""
-        rz = r.get("realism")
-        extra = f"{rz['kid_x1000']:.1f} | {rz['background_change_worst']:.2f}" if rz else "– | –"
-        lines.append(
-            f"| ×{r['edit_gain']:g}{mark} | {r['mean_edit_success']:.1%} | {r['mean_preservation']:.1%} | {extra} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def markdown_table(metrics: dict) -> str:
-    """Per-attribute table plus the summary line, as it goes into cards and the README."""
-    lines = [
-        f"Reconstruction (zero difference, {metrics['n_images']} images): "
-        f"PSNR **{metrics['psnr']:.2f} dB**, SSIM **{metrics['ssim']:.3f}**",
-        "",
-    ]
-    if "psnr_raw" in metrics:
-        lines[-1:-1] = [
-            "",
-            f"The decoder alone (before the mask blends the input back in): PSNR {metrics['psnr_raw']:.2f} dB, "
-            f"SSIM {metrics['ssim_raw']:.3f}.",
-        ]
-    if "edit_success" in metrics:
-        gain = metrics.get("edit_gain", 1.0)
-        lines += [
-            f"Edits flip one attribute with a difference of ±1 (a slider's end), edit gain ×{gain:g}.",
-            "",
-            "| attribute | edit success | preservation | mask mean |",
-            "|---|---|---|---|",
-        ]
-        for a, v in metrics["edit_success"].items():
-            lines.append(f"| {a} | {v:.1%} | {metrics['preservation'][a]:.1%} | {metrics['mask_mean'][a]:.3f} |")
-        lines.append(
-            f"| **mean** | **{metrics['mean_edit_success']:.1%}** | **{metrics['mean_preservation']:.1%}** | "
-            f"{np.mean(list(metrics['mask_mean'].values())):.3f} |"
-        )
-    if metrics.get("realism"):
-        lines += ["", realism_markdown(metrics["realism"])]
-    return "\n".join(lines) + "\n"

@@ -10,7 +10,7 @@ from models.config import config_from_dict, config_to_dict
 from models.precision import PRECISIONS
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     # what to train
     preset: str = "stgan-cpu"
@@ -95,7 +95,7 @@ class TrainConfig:
             raise ValueError(f"diff_scale_max must be >= 1, got {self.diff_scale_max}")
         if self.gan_loss not in ("nsgan", "wgan"):
             raise ValueError(f"gan_loss must be 'nsgan' or 'wgan', got {self.gan_loss!r}")
-        self.attributes = tuple(self.attributes)
+        object.__setattr__(self, "attributes", tuple(self.attributes))  # frozen: set once, here
 
     def to_dict(self) -> dict[str, Any]:
         return config_to_dict(self)
@@ -105,7 +105,4 @@ class TrainConfig:
         data = dict(data)
         if "amp" in data:  # checkpoints before `precision`: amp=True meant "bf16 where it helps"
             data.setdefault("precision", "auto" if data.pop("amp") else "fp32")
-        overrides = data.pop("generator_overrides", {})
-        cfg = config_from_dict(cls, data)
-        cfg.generator_overrides = dict(overrides)
-        return cfg
+        return config_from_dict(cls, data)
