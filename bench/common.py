@@ -30,12 +30,10 @@ def precisions() -> tuple[str, ...]:
 
 
 def percentile(values: Sequence[float], q: float) -> float:
-    s = sorted(values)
-    if not s:
-        return float("nan")
-    k = (len(s) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+    """The ``q`` quantile (a multiple of 0.01), interpolated linearly as numpy's default does."""
+    if len(values) < 2:
+        return float(values[0]) if values else float("nan")
+    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
 
 
 def time_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> list[float]:

@@ -17,7 +17,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import PHOTOS, machine, table
-from tests.server_utils import live_server
+from server.launch import live_server
 
 
 def peak_rss_mb(pid: int) -> tuple[float, float]:

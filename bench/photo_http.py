@@ -18,7 +18,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import PHOTOS, machine, summary, table
-from tests.server_utils import live_server
+from server.launch import live_server
 
 STAGES = ("decode_image", "detect", "align", "classify", "encode", "decode", "compose", "crops_png", "encode_response")
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import PHOTOS, machine, summary, table
-from tests.server_utils import free_port
+from server.launch import free_port
 
 TOKEN = "bench-reload"
 

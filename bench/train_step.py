@@ -23,9 +23,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import machine, precisions, table
-from tests.conftest import make_celeba_folder
 from training.config import TrainConfig
 from training.data import prepare_cache
+from training.synthetic import make_celeba_folder
 from training.trainer import Trainer
 
 log = logging.getLogger(__name__)

@@ -23,6 +23,7 @@ class Admission:
         self.rejected = 0
         self.timed_out = 0
         self.in_flight = 0
+        self.waiting = 0
         self._lock = threading.Lock()
 
     def __enter__(self) -> Admission:
@@ -30,13 +31,18 @@ class Admission:
             with self._lock:
                 self.rejected += 1
             raise BusyError("the service is busy: too many edits queued, retry shortly", retry_after=1)
-        if not self._running.acquire(timeout=self.timeout):
-            self._admitted.release()
-            with self._lock:
-                self.timed_out += 1
-            raise BusyError(f"the edit waited more than {self.timeout:g} s in the queue", retry_after=2)
         with self._lock:
-            self.in_flight += 1
+            self.waiting += 1
+        running = self._running.acquire(timeout=self.timeout)
+        with self._lock:
+            self.waiting -= 1
+            if running:
+                self.in_flight += 1
+            else:
+                self.timed_out += 1
+        if not running:
+            self._admitted.release()
+            raise BusyError(f"the edit waited more than {self.timeout:g} s in the queue", retry_after=2)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -50,6 +56,7 @@ class Admission:
             "running_limit": self.max_running,
             "queue_limit": self.max_waiting,
             "in_flight": self.in_flight,
+            "waiting": self.waiting,
             "rejected": self.rejected,
             "timed_out": self.timed_out,
         }

@@ -11,12 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from frontend.headless import CHROMIUM, FLAGS
 from tests.server_utils import PHOTOS, live_server, make_weights
 
-CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
-         "--no-first-run", "--disable-component-update", "--disable-sync"]  # fmt: skip
 
 if not Path(CHROMIUM).exists():
     if os.environ.get("CI"):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from server.launch import free_port
 from training.checkpoints import read_training_checkpoint
 from training.config import TrainConfig
 from training.networks import build_generator
@@ -42,7 +43,7 @@ def test_two_gloo_ranks_match_one_process(prepared_cache: Path, tmp_path: Path) 
             "--nproc_per_node",
             "2",
             "--master_port",
-            "29517",
+            str(free_port()),
             "-m",
             "training",
             "train",

@@ -10,10 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from frontend.headless import CHROMIUM, FLAGS
 from tests.server_utils import PHOTOS, live_server, make_weights
-
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
 
 
 @pytest.fixture(scope="module")

@@ -88,7 +88,17 @@ def convert_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
 
 
 def average_gradients(module: nn.Module) -> None:
-    """All-reduce and average the gradients of ``module`` in one flat buffer."""
+    """All-reduce and average the gradients of ``module`` in one flat buffer.
+
+    Why not ``DistributedDataParallel``: DDP reduces the gradients of the work that went through its
+    wrapper's ``forward``, once per backward. A GAN step here does not fit that: the generator step
+    calls ``G.encode`` / ``G.decode`` / ``G.decode_parts`` (the served model's split, so the encoder
+    runs once for the edit and the reconstruction) rather than ``forward``; D runs twice before its
+    backward (real and fake batch) and once more, frozen, inside G's step; and R1 / WGAN-GP take
+    ``autograd.grad(..., create_graph=True)`` of D, a double backward that DDP does not support. One
+    explicit all-reduce per network after each backward is what DDP would do, without those limits;
+    ``tests/test_distributed.py`` checks that two ranks follow the single-process run.
+    """
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return
     grads = [p.grad for p in module.parameters() if p.grad is not None]
