@@ -194,8 +194,7 @@ class EditService:
 
     def _state(self, request: EditRequest, model: ServedGenerator, timer: Timer) -> tuple[PhotoState, str, bool]:
         """The photo's cached analysis (or a new one), its id, and whether it came from the cache."""
-        photo_id = hashlib.sha256(request.image).hexdigest() if request.image is not None else request.photo_id
-        assert photo_id is not None  # edit() checked that one of them is there
+        photo_id = hashlib.sha256(request.image).hexdigest() if request.image is not None else request.photo_id or ""
         key = (photo_id, model.name, id(model.net), request.aligned)
         state = self.cache.get(key)
         if state is not None:

@@ -17,6 +17,8 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
+from models.device import pick_device
+
 log = logging.getLogger(__name__)
 
 
@@ -28,8 +30,9 @@ def world() -> tuple[int, int, int]:
 def init(device_name: str) -> tuple[torch.device, int, int]:
     """Start the process group if launched by torchrun; returns (device, rank, world size)."""
     rank, size, local = world()
-    cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
-    device = torch.device(f"cuda:{local}" if cuda else ("cpu" if device_name == "auto" else device_name))
+    device = pick_device(device_name)
+    if device.type == "cuda" and device.index is None:  # one GPU per torchrun process
+        device = torch.device("cuda", local)
     if size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -94,10 +95,10 @@ def export_run(
             for key in ("calibration", "test"):
                 if key in old.get("metrics", {}):
                     metrics[key] = old["metrics"][key]
-    state_dtype_model = gen.to(dtype) if dtype != torch.float32 else gen
+    # a copy in the release's dtype: ``gen`` itself stays fp32 (the samples below are drawn from it)
     save_pretrained(
         out,
-        state_dtype_model,
+        copy.deepcopy(gen).to(dtype),
         architecture=arch,
         name=name or out.name,
         alignment_template=template,
@@ -105,7 +106,6 @@ def export_run(
         metrics=metrics,
         training=training,
     )
-    gen.float()
     export_discriminator(ckpt, out, train_cfg, gen.config.image_size, dtype)
     if cache_dir is not None and (Path(cache_dir) / "meta.json").is_file():
         write_release_samples(gen, cache_dir, out / SAMPLES_FILE, n_samples, gain=edit_gain)
