@@ -35,39 +35,16 @@ def _settings(cache: Path, tmp_path: Path) -> list[str]:
 def test_two_gloo_ranks_match_one_process(prepared_cache: Path, tmp_path: Path) -> None:
     common = ["--preset", "stgan-tiny", "--max-steps", "3", *_settings(prepared_cache, tmp_path)]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    ddp = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
-            "-m",
-            "training",
-            "train",
-            "--run-dir",
-            str(tmp_path / "ddp"),
-            *common,
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+
+    def train(*launcher: str, run: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, *launcher, "-m", "training", "train", "--run-dir", str(tmp_path / run), *common]
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    ddp = train("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), run="ddp")
     assert "rank 1 of 2" in ddp.stderr and "drifted" not in ddp.stderr  # ranks checked each step
-    single = subprocess.run(
-        [sys.executable, "-m", "training", "train", "--run", str(tmp_path / "single"), *common],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert single.returncode == 0, single.stderr[-3000:]
+    train(run="single")
     t_ddp, m_ddp = read_training_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.safetensors")
     t_one, m_one = read_training_checkpoint(tmp_path / "single" / "checkpoints" / "last.safetensors")
     assert m_ddp["step"] == m_one["step"] == "3"
