@@ -116,6 +116,13 @@ def main() -> None:
                 f"**{p.parent.name}**\n\n![{p.parent.name} samples]({p.relative_to(ROOT).as_posix()})\n"
                 for p in sorted(weights.glob("*/samples.png"))
             ],
+            "Combined edits (several attributes flipped together, the columns' names; "
+            "`python -m training grid --combined`):",
+            "",
+            *[
+                f"**{p.parent.name}**\n\n![{p.parent.name} combined edits]({p.relative_to(ROOT).as_posix()})\n"
+                for p in sorted(weights.glob("*/samples-combined.png"))
+            ],
             END,
         ]
     )

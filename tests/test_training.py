@@ -196,7 +196,10 @@ def test_classifier_evaluate_and_export(prepared_cache: Path, tmp_path: Path) ->
     gen, info = load_pretrained(out)
     assert info.alignment_template == meta["alignment_template"]
     assert info.training["steps"] == 2
-    assert (out / "samples.png").is_file() and "Not yet evaluated" in (out / "card.md").read_text()
+    assert (out / "samples.png").is_file() and (out / "samples-combined.png").is_file()
+    assert (
+        "Not yet evaluated" in (out / "card.md").read_text() and "samples-combined.png" in (out / "card.md").read_text()
+    )
     _, ema, _ = ema_generator_from_checkpoint(tmp_path / "run" / "checkpoints" / "best.safetensors")
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     c = torch.zeros(2, len(STGAN_ATTRIBUTES))
@@ -338,3 +341,28 @@ def test_a_resumed_run_rescores_its_best_checkpoint(prepared_cache: Path, tmp_pa
     resumed = Trainer(trainer.cfg, tmp_path / "run")
     resumed.load_checkpoint(trainer.checkpoint_path())
     assert resumed.best_score == selection_score(trainer.best_metrics) < 0
+
+
+def test_combined_grid_flips_each_combination_together_and_skips_unknown_attributes() -> None:
+    from models.attributes import condition_vector
+    from models.registry import build, get_preset
+    from training.visualize import HEADER, combined_grid
+
+    arch, gcfg = get_preset("stgan-tiny")
+    torch.manual_seed(0)
+    gen = build(arch, gcfg).eval()
+    attrs = tuple(gcfg.attributes)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    c_src = torch.zeros(2, len(attrs))
+    c_src[0, attrs.index("Black_Hair")] = 1
+    combos = (("Blond_Hair", "Eyeglasses"), ("Male", "Purple_Hair"))
+    grid = combined_grid(gen, x, c_src, attrs, combinations=combos, with_masks=False)
+    assert grid.size == (2 * 32, HEADER + 2 * 32)  # input + the one combination this model can do
+    c_trg = c_src.clone()
+    c_trg[:, [attrs.index("Blond_Hair"), attrs.index("Eyeglasses")]] = 1
+    c_trg[:, attrs.index("Black_Hair")] = 0  # switching Blond on switches the other hair colours off
+    with torch.no_grad():
+        expected = to_uint8(gen.decode(gen.encode(x), condition_vector(c_src, c_trg - c_src, "diff"))[0])
+    got = np.asarray(grid)[HEADER:, 32:]
+    np.testing.assert_array_equal(got[:32], expected[0])
+    np.testing.assert_array_equal(got[32:], expected[1])

@@ -222,7 +222,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_grid(args: argparse.Namespace) -> None:
     from training.evaluate import grid_command
 
-    grid_command(args.model, args.cache_dir, args.split, args.out, args.n, args.offset)
+    grid_command(args.model, args.cache_dir, args.split, args.out, args.n, args.offset, args.combined)
 
 
 def _precision_args(s: argparse.ArgumentParser) -> None:
@@ -350,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--n", type=int, default=6)
     s.add_argument("--offset", type=int, default=0)
+    s.add_argument(
+        "--combined", action="store_true", help="several sliders at once (training/visualize.py:COMBINATIONS)"
+    )
     s.set_defaults(func=cmd_grid)
     return p
 

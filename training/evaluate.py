@@ -16,7 +16,7 @@ from training.data import CachedFaces
 from training.export import update_metrics, write_release_samples
 from training.metrics import choose_gain, evaluate_generator
 from training.realism import RealismConfig, RealismInputs, RealismUnavailableError, realism_inputs, realism_on_split
-from training.reports import SAMPLES_FILE, markdown_table, write_card
+from training.reports import COMBINED_SAMPLES_FILE, SAMPLES_FILE, markdown_table, write_card
 
 log = logging.getLogger(__name__)
 
@@ -207,13 +207,14 @@ def calibrate_command(
         del metrics["test"]
     write_config(folder, doc)
     write_release_samples(gen.cpu(), cache_dir, folder / SAMPLES_FILE, n_samples, gain=chosen)
+    write_release_samples(gen.cpu(), cache_dir, folder / COMBINED_SAMPLES_FILE, n_samples, gain=chosen, combined=True)
     write_card(folder)
     log.info("edit gain of %s: %s", folder, chosen)
     return chosen
 
 
-def grid_command(model: str, cache_dir: str, split: str, out: str, n: int, offset: int) -> None:
+def grid_command(model: str, cache_dir: str, split: str, out: str, n: int, offset: int, combined: bool = False) -> None:
     gen, gain = load_generator(model)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    write_release_samples(gen, cache_dir, Path(out), n, split=split, offset=offset, gain=gain)
+    write_release_samples(gen, cache_dir, Path(out), n, split=split, offset=offset, gain=gain, combined=combined)
     log.info("wrote %s", out)

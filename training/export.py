@@ -24,8 +24,8 @@ from models.checkpoint import (
 from models.device import machine_description
 from training.checkpoints import ema_generator_from_checkpoint, read_training_checkpoint
 from training.data import CachedFaces, read_meta
-from training.reports import SAMPLES_FILE, write_card
-from training.visualize import edit_grid
+from training.reports import COMBINED_SAMPLES_FILE, SAMPLES_FILE, write_card
+from training.visualize import combined_grid, edit_grid
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,7 @@ def export_run(
     export_discriminator(ckpt, out, train_cfg, gen.config.image_size, dtype)
     if cache_dir is not None and (Path(cache_dir) / "meta.json").is_file():
         write_release_samples(gen, cache_dir, out / SAMPLES_FILE, n_samples, gain=edit_gain)
+        write_release_samples(gen, cache_dir, out / COMBINED_SAMPLES_FILE, n_samples, gain=edit_gain, combined=True)
     elif cache_dir is not None:
         log.warning("no dataset cache in %s: no samples.png (pass --cache-dir)", cache_dir)
     write_card(out)
@@ -145,11 +146,15 @@ def write_release_samples(
     split: str = "test",
     offset: int = 0,
     gain: float = 1.0,
+    combined: bool = False,
 ) -> None:
+    """A grid of ``n`` faces of ``split``: every attribute flipped, or (``combined``) several at once."""
     data = CachedFaces(cache_dir, split, tuple(gen.config.attributes), limit=offset + n)
     idx = torch.arange(offset, min(offset + n, len(data)))
     x, c = data.get(idx)
-    edit_grid(gen, x, c, tuple(gen.config.attributes), gain=gain).save(path)
+    attributes = tuple(gen.config.attributes)
+    grid = combined_grid(gen, x, c, attributes, gain=gain) if combined else edit_grid(gen, x, c, attributes, gain=gain)
+    grid.save(path)
 
 
 def notify_server(url: str) -> None:

@@ -15,6 +15,7 @@ from models.checkpoint import CONFIG_FILE, atomic_write_bytes, read_config
 from models.device import machine_description
 
 SAMPLES_FILE = "samples.png"
+COMBINED_SAMPLES_FILE = "samples-combined.png"
 
 #: The issue's quality targets (test split, served setting), higher is better. Every attribute's edit
 #: success must also reach ``MIN_ATTRIBUTE_EDIT_SUCCESS``.
@@ -273,6 +274,13 @@ def write_card(folder: str | Path) -> None:
             f"## Samples (test faces, edit gain ×{gain:g}; rows: edit, then its mask)",
             "",
             f"![samples]({SAMPLES_FILE})",
+            "",
+        ]
+    if (folder / COMBINED_SAMPLES_FILE).is_file():
+        parts += [
+            f"## Combined edits (test faces, edit gain ×{gain:g}; the attributes in a column's name flipped together)",
+            "",
+            f"![combined edits]({COMBINED_SAMPLES_FILE})",
             "",
         ]
     parts += [

@@ -1,4 +1,5 @@
-"""Sample grids: every attribute flipped on fixed faces, with the attention mask under each edit."""
+"""Sample grids: every attribute flipped on fixed faces (or several at once), with the attention mask
+under each edit."""
 
 from __future__ import annotations
 
@@ -38,6 +39,53 @@ def edit_grid(
             cols.append(generator.decode(encoded, condition_vector(c_src, c_trg - c_src, mode, gain)))
     generator.train(was_training)
     names = ["input", "reconstruction", *[a.replace("_", " ") for a in attributes]]
+    return _compose(x, cols, names, with_masks)
+
+
+#: Combined edits of the README's grids: each tuple's attributes are flipped together, as a user moving
+#: several sliders to their ends does (the realism issue's failing case first).
+COMBINATIONS: tuple[tuple[str, ...], ...] = (
+    ("Blond_Hair", "Eyeglasses", "No_Beard"),
+    ("Male", "Young"),
+    ("Black_Hair", "Bangs"),
+    ("Eyeglasses", "Mouth_Slightly_Open", "Pale_Skin"),
+    ("Brown_Hair", "Bushy_Eyebrows", "Young", "Bangs"),
+)
+
+
+@torch.no_grad()
+def combined_grid(
+    generator: AttributeGenerator,
+    x: torch.Tensor,
+    c_src: torch.Tensor,
+    attributes: tuple[str, ...],
+    combinations: tuple[tuple[str, ...], ...] = COMBINATIONS,
+    gain: float = 1.0,
+    with_masks: bool = True,
+) -> Image.Image:
+    """Columns: input, then each combination's attributes flipped together (differences ±1 times
+    ``gain``; a hair colour switched on switches the others off); a mask row under each face.
+    Combinations naming an attribute the model does not edit are left out."""
+    was_training = generator.training
+    generator.eval()
+    mode = generator.config.conditioning
+    groups = exclusive_groups_for(list(attributes))
+    usable = [combo for combo in combinations if all(a in attributes for a in combo)]
+    encoded = generator.encode(x)
+    cols = [(x, torch.zeros_like(x[:, :1]))]
+    for combo in usable:
+        c_trg = c_src
+        for name in combo:
+            c_trg = flip_targets(c_trg, attributes.index(name), groups)
+        cols.append(generator.decode(encoded, condition_vector(c_src, c_trg - c_src, mode, gain)))
+    generator.train(was_training)
+    names = ["input", *[" + ".join(a.split("_")[0] for a in combo) for combo in usable]]
+    return _compose(x, cols, names, with_masks)
+
+
+def _compose(
+    x: torch.Tensor, cols: list[tuple[torch.Tensor, torch.Tensor]], names: list[str], with_masks: bool
+) -> Image.Image:
     size = x.shape[-1]
     n_rows = len(x) * (2 if with_masks else 1)
     canvas = Image.new("RGB", (len(cols) * size, HEADER + n_rows * size), "white")
