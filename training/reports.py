@@ -269,20 +269,13 @@ def write_card(folder: str | Path) -> None:
         parts += [f"Targets ({describe_targets()}): **{verdict}**.", ""]
     else:
         parts += ["Not yet evaluated on the test split.", ""]
-    if (folder / SAMPLES_FILE).is_file():
-        parts += [
-            f"## Samples (test faces, edit gain ×{gain:g}; rows: edit, then its mask)",
-            "",
-            f"![samples]({SAMPLES_FILE})",
-            "",
-        ]
-    if (folder / COMBINED_SAMPLES_FILE).is_file():
-        parts += [
-            f"## Combined edits (test faces, edit gain ×{gain:g}; the attributes in a column's name flipped together)",
-            "",
-            f"![combined edits]({COMBINED_SAMPLES_FILE})",
-            "",
-        ]
+    grids = (
+        (SAMPLES_FILE, "Samples", "rows: edit, then its mask"),
+        (COMBINED_SAMPLES_FILE, "Combined edits", "the attributes in a column's name flipped together"),
+    )
+    for file, title, what in grids:
+        if (folder / file).is_file():
+            parts += [f"## {title} (test faces, edit gain ×{gain:g}; {what})", "", f"![{title.lower()}]({file})", ""]
     parts += [
         "## Licence",
         "",
