@@ -14,6 +14,8 @@ from PIL import Image, ImageOps
 from frontend.headless import CHROMIUM, FLAGS
 from tests.server_utils import PHOTOS, live_server, make_weights
 
+pytestmark = pytest.mark.slow  # starts servers / browsers / processes: CI runs it, `-m 'not slow'` skips it
+
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
 if not Path(CHROMIUM).exists():

@@ -7,12 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from server.launch import free_port
 from training.checkpoints import read_training_checkpoint
 from training.config import TrainConfig
 from training.networks import build_generator
+
+pytestmark = pytest.mark.slow  # starts servers / browsers / processes: CI runs it, `-m 'not slow'` skips it
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -182,6 +182,7 @@ def test_bad_fine_tunes_are_refused_and_nothing_is_written(
     assert not run.exists() and sorted(p.name for p in release.iterdir()) == before
 
 
+@pytest.mark.slow
 def test_fine_tune_with_an_added_attribute_reaches_a_live_editor(
     release: Path, prepared_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -13,6 +13,8 @@ from PIL import Image, ImageOps
 from frontend.headless import CHROMIUM, FLAGS
 from tests.server_utils import PHOTOS, live_server, make_weights
 
+pytestmark = pytest.mark.slow  # starts servers / browsers / processes: CI runs it, `-m 'not slow'` skips it
+
 
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:

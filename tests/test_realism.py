@@ -63,6 +63,7 @@ def test_kid_of_identical_feature_sets_is_zero_in_expectation_and_positive_for_s
     assert fid(a, b + 1.0) > fid(a, b)
 
 
+@pytest.mark.slow
 def test_inception_kid_sees_noise_and_caches_real_features(tmp_path: Path) -> None:
     path = _inception_or_skip()
     torch.manual_seed(0)
@@ -149,6 +150,7 @@ def test_deconv_kernels_convert_to_the_least_squares_resize_kernel() -> None:
 # ------------------------------------------------------------------ the report on tiny data
 
 
+@pytest.mark.slow
 def test_realism_report_on_a_tiny_model(tmp_path: Path) -> None:
     path = _inception_or_skip()
     torch.manual_seed(0)

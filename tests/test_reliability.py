@@ -213,6 +213,7 @@ def test_reload_is_disabled_without_an_admin_token(tmp_path: Path) -> None:
         assert client.post("/v1/models/reload", headers={"Authorization": "Bearer x"}).status_code == 404
 
 
+@pytest.mark.slow
 def test_training_killed_with_sigkill_resumes_from_the_last_complete_checkpoint(
     prepared_cache: Path, tmp_path: Path
 ) -> None:
@@ -250,6 +251,7 @@ def test_training_killed_with_sigkill_resumes_from_the_last_complete_checkpoint(
     assert int(read_training_checkpoint(ckpt)[1]["step"]) == last_step + 1
 
 
+@pytest.mark.slow
 def test_export_notify_reloads_a_live_server(tmp_path: Path, prepared_cache: Path) -> None:
     from tests.server_utils import live_server
     from training.cli import main as cli
@@ -284,6 +286,7 @@ def test_export_notify_reloads_a_live_server(tmp_path: Path, prepared_cache: Pat
         assert steps() == 3
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_cleanly(prepared_cache: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     sets = [

@@ -168,6 +168,7 @@ def test_sampled_targets_keep_hair_colours_exclusive() -> None:
     assert changed.float().mean() > 0.3
 
 
+@pytest.mark.slow
 def test_classifier_evaluate_and_export(prepared_cache: Path, tmp_path: Path) -> None:
     from training.classifier import train_classifier
     from training.data import read_meta, write_meta
