@@ -367,3 +367,23 @@ def test_combined_grid_flips_each_combination_together_and_skips_unknown_attribu
     got = np.asarray(grid)[HEADER:, 32:]
     np.testing.assert_array_equal(got[:32], expected[0])
     np.testing.assert_array_equal(got[32:], expected[1])
+
+
+def test_flip_weights_make_a_rare_edit_the_flipped_one_more_often() -> None:
+    n_attrs, b = len(STGAN_ATTRIBUTES), 4000
+    c_src = torch.zeros(b, n_attrs)
+    bald = STGAN_ATTRIBUTES.index("Bald")
+    weights = torch.ones(n_attrs)
+    weights[bald] = 13.0  # Bald as likely as all the others together
+
+    def bald_share(w: torch.Tensor | None) -> float:
+        c_trg = sample_targets(c_src, torch.Generator().manual_seed(0), [], 1.0, w)  # every sample one flip
+        assert torch.equal((c_trg != c_src).sum(1), torch.ones(b, dtype=torch.long))
+        return float(c_trg[:, bald].mean())
+
+    assert bald_share(None) == pytest.approx(1 / n_attrs, abs=0.02)
+    assert bald_share(weights) == pytest.approx(0.5, abs=0.03)
+    with pytest.raises(ValueError, match="flip_weights"):
+        TrainConfig(flip_weights={"Purple_Hair": 2.0})
+    with pytest.raises(ValueError, match="flip_weights"):
+        TrainConfig(flip_weights={"Bald": -1.0})

@@ -26,6 +26,9 @@ class TrainConfig:
     #: Fraction of the batch whose target flips one random attribute (the rest get the labels of
     #: another image of the batch, as STGAN/AttGAN sample them).
     single_flip_fraction: float = 0.5
+    #: Relative odds of each attribute being the one flipped, e.g. {"Bald": 4, "Mustache": 3}; the others
+    #: weigh 1. Empty: uniform (and the same random draws as before the field existed).
+    flip_weights: dict[str, float] = field(default_factory=dict)
     # optimisation
     total_steps: int = 200_000
     lr_g: float = 2e-4
@@ -96,6 +99,16 @@ class TrainConfig:
         if self.gan_loss not in ("nsgan", "wgan"):
             raise ValueError(f"gan_loss must be 'nsgan' or 'wgan', got {self.gan_loss!r}")
         object.__setattr__(self, "attributes", tuple(self.attributes))  # frozen: set once, here
+        unknown = sorted(set(self.flip_weights) - set(self.attributes))
+        if (
+            unknown
+            or any(w < 0 for w in self.flip_weights.values())
+            or (self.flip_weights and not any(self.flip_weights.get(a, 1.0) > 0 for a in self.attributes))
+        ):
+            raise ValueError(
+                f"flip_weights must give attributes of this run ({', '.join(self.attributes)}) weights >= 0, "
+                f"not all 0; got {self.flip_weights}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return config_to_dict(self)

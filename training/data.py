@@ -278,9 +278,15 @@ def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
 
 
 def sample_targets(
-    c_src: torch.Tensor, generator: torch.Generator, groups: list[list[int]], single_flip_fraction: float
+    c_src: torch.Tensor,
+    generator: torch.Generator,
+    groups: list[list[int]],
+    single_flip_fraction: float,
+    flip_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Targets: another image's labels (STGAN) or, for a fraction, one flipped attribute.
+    """Targets: another image's labels (STGAN) or, for a fraction, one flipped attribute, drawn
+    uniformly or in proportion to ``flip_weights`` (n_attrs,) so rare edits (Bald, Mustache) can
+    come up more often.
 
     Members of an exclusive group (hair colours) never end up on together: the one just switched on
     wins, otherwise a random one of those on is kept.
@@ -288,7 +294,10 @@ def sample_targets(
     b, n = c_src.shape
     c_trg = c_src[torch.randperm(b, generator=generator)].clone()
     single = torch.rand(b, generator=generator) < single_flip_fraction
-    attr = torch.randint(n, (b,), generator=generator)
+    if flip_weights is None:
+        attr = torch.randint(n, (b,), generator=generator)
+    else:
+        attr = torch.multinomial(flip_weights.float(), b, replacement=True, generator=generator)
     rows = torch.arange(b)
     flipped = c_src.clone()
     flipped[rows, attr] = 1 - flipped[rows, attr]

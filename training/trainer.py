@@ -85,6 +85,9 @@ class Trainer:
         self.sampler = StepSampler(len(self.train_set), cfg.batch_size, cfg.seed)
         self.groups = exclusive_groups_for(list(cfg.attributes))
         self.label_frequency = self.train_set.labels.mean(0)
+        self.flip_weights = (
+            torch.tensor([float(cfg.flip_weights.get(a, 1.0)) for a in cfg.attributes]) if cfg.flip_weights else None
+        )
         self.mask_weight_map = (
             losses.border_weight_map(self.G.config.image_size, cfg.mask_border_weight).to(self.device)
             if cfg.mask_border_weight > 0
@@ -128,7 +131,7 @@ class Trainer:
         idx = self.sampler.indices(step)
         flip = torch.rand(len(idx), generator=gen) < 0.5 if self.cfg.hflip else None
         c_all = self.train_set.labels[idx]
-        c_trg = sample_targets(c_all, gen, self.groups, self.cfg.single_flip_fraction)
+        c_trg = sample_targets(c_all, gen, self.groups, self.cfg.single_flip_fraction, self.flip_weights)
         n = len(idx) // self.world_size
         mine = slice(self.rank * n, (self.rank + 1) * n)
         x, c = self.train_set.get(idx[mine], None if flip is None else flip[mine])
