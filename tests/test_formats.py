@@ -90,3 +90,14 @@ def test_the_page_offers_the_formats(tmp_path: Path) -> None:
     html = (Path(__file__).resolve().parents[1] / "frontend" / "static" / "index.html").read_text()
     accept = html.split('accept="', 1)[1].split('"', 1)[0]
     assert {"image/heic", "image/avif", "image/tiff", ".heic"} <= set(accept.split(","))
+
+
+@pytest.mark.parametrize("shape", [(37, 53, 3), (37, 53)])
+def test_png_answers_are_lossless_with_the_fast_encoder(shape: tuple[int, ...]) -> None:
+    from server.imaging import _imagecodecs, encode_png
+
+    assert _imagecodecs() is not None  # a dependency: the fast path is the one tested
+    arr = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    png = encode_png(arr)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), arr)
