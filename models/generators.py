@@ -244,3 +244,35 @@ def grow_state_dict(
         new.narrow(diff[0], 0, have.shape[diff[0]]).copy_(have)
         out[key] = new
     return out
+
+
+def widen_state_dict(
+    state_dict: dict[str, torch.Tensor], target: nn.Module
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A state dict for ``target``, a network like the one ``state_dict`` came from but with the
+    condition injected after more decoder layers (a larger ``n_inject_layers``), and the names of the
+    tensors that grew.
+
+    Each injection appends the tiled condition to the decoder's feature (last in the concatenation),
+    so the layers after it gain input channels, and a self-attention there gains channels too. Every
+    such tensor is at least as large as the parent's in every dimension: the parent's values keep the
+    leading corner and the rest starts at **zero**, so at step 0 the widened network computes exactly
+    what the parent did (new inputs are multiplied by zero weights; an attention's new value rows are
+    zero, so its new channels pass the condition through). Anything else must match.
+    """
+    out: dict[str, torch.Tensor] = {}
+    widened = []
+    for key, want in target.state_dict().items():
+        have = state_dict.get(key)
+        if have is None:
+            raise ValueError(f"{key}: missing from the network being widened")
+        if have.shape == want.shape:
+            out[key] = have
+            continue
+        if have.dim() != want.dim() or any(h > w for h, w in zip(have.shape, want.shape, strict=True)):
+            raise ValueError(f"{key}: shape {tuple(have.shape)} cannot widen to {tuple(want.shape)}")
+        new = torch.zeros(want.shape, dtype=have.dtype)
+        new[tuple(slice(0, n) for n in have.shape)] = have
+        out[key] = new
+        widened.append(key)
+    return out, widened

@@ -387,3 +387,31 @@ def test_flip_weights_make_a_rare_edit_the_flipped_one_more_often() -> None:
         TrainConfig(flip_weights={"Purple_Hair": 2.0})
     with pytest.raises(ValueError, match="flip_weights"):
         TrainConfig(flip_weights={"Bald": -1.0})
+
+
+def test_a_generator_with_more_injection_layers_starts_from_its_parent_with_the_same_outputs() -> None:
+    import dataclasses
+
+    from models.generators import widen_state_dict
+    from models.registry import build, get_preset
+
+    arch, cfg = get_preset("mugan-tiny")  # self-attention after decoder layers 0 and 1
+    cfg = dataclasses.replace(cfg, n_inject_layers=0, conditioning="diff")
+    torch.manual_seed(0)
+    parent = build(arch, cfg).eval()
+    with torch.no_grad():  # gamma starts at 0: open the attentions so their widening is exercised
+        for attention in parent.dec_attention.values():
+            attention.gamma.fill_(0.7)
+    child = build(arch, dataclasses.replace(cfg, n_inject_layers=2)).eval()
+    state, widened = widen_state_dict(parent.state_dict(), child)
+    assert any("dec_attention" in k for k in widened) and any(k.startswith("to_image") for k in widened)
+    child.load_state_dict(state)
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    c = torch.randn(3, len(cfg.attributes))
+    with torch.no_grad():
+        torch.testing.assert_close(child(x, c)[0], parent(x, c)[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(child(x, c)[1], parent(x, c)[1], rtol=0, atol=1e-5)
+    # and it is the condition that now reaches those layers: the widened weights are trainable zeros
+    assert all(float(state[k].abs().sum()) > 0 for k in widened)  # the parent's part is kept
+    with pytest.raises(ValueError, match="cannot widen"):
+        widen_state_dict(child.state_dict(), parent)  # narrowing is refused

@@ -33,7 +33,7 @@ from models.checkpoint import (
     read_tensors,
 )
 from models.config import config_to_dict
-from models.generators import convert_upsampling, grow_state_dict
+from models.generators import convert_upsampling, grow_state_dict, widen_state_dict
 from models.precision import autocast, describe_cpu_bf16, resolve_precision
 from training import distributed, losses
 from training.checkpoints import load_networks, load_optimizers, read_training_checkpoint, write_training_checkpoint
@@ -238,15 +238,32 @@ class Trainer:
     def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"opt_G": self.opt_G, "opt_D": self.opt_D}
 
-    def _load_networks(self, path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    def _load_networks(self, path: str | Path, widen: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """G, D and G_ema from a training checkpoint, and the step/time/image counters; returns its
-        tensors and metadata for the caller's optimiser and selection state."""
+        tensors and metadata for the caller's optimiser and selection state. ``widen`` (a warm
+        start): a generator whose condition now enters more decoder layers (``n_inject_layers``)
+        starts from the parent's weights widened with zeros, so its outputs are the parent's."""
         tensors, meta = read_training_checkpoint(path)
+        if widen:
+            tensors = self._widened(path, tensors)
         load_networks(path, tensors, self._networks())
         self.step = int(meta["step"])
         self.elapsed = float(meta["elapsed_seconds"])
         self.images_seen = int(meta["images_seen"])
         return tensors, meta
+
+    def _widened(self, path: str | Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = dict(tensors)
+        for prefix in ("G", "G_ema"):
+            sub = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+            try:
+                sub, widened = widen_state_dict(sub, getattr(self, prefix))
+            except ValueError as exc:
+                raise CheckpointError(f"{path}: its {prefix} does not fit this run's network ({exc})") from None
+            if widened and prefix == "G":
+                log.info("widened %d tensors of %s's generator with zeros: %s", len(widened), path, ", ".join(widened))
+            out |= {f"{prefix}.{k}": v for k, v in sub.items()}
+        return out
 
     def load_checkpoint(self, path: str | Path) -> None:
         tensors, meta = self._load_networks(path)
@@ -269,7 +286,7 @@ class Trainer:
         if Path(path).is_dir():
             self._load_release(Path(path), fresh_discriminator)
         else:
-            self._load_networks(path)
+            self._load_networks(path, widen=True)
         self.best_score, self.best_metrics = -math.inf, {}
 
     def _load_release(self, folder: Path, fresh_discriminator: bool) -> None:
