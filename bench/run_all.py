@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench import memory, photo_http, slider, startup, throughput, train_step
+from bench import encode, memory, photo_http, slider, startup, throughput, train_step
 
 
 def benchmarks(weights: Path, quick: bool) -> dict[str, Callable[[], str]]:
@@ -28,6 +28,7 @@ def benchmarks(weights: Path, quick: bool) -> dict[str, Callable[[], str]]:
         "train_step": lambda: train_step.run(2 if q else 6, 16),
         "memory": lambda: memory.run(weights, 20 if q else 200),
         "startup": lambda: startup.run(weights, 8, 8.0 if q else 20.0),
+        "encode": lambda: encode.run(3 if q else 10),
     }
 
 

@@ -1,0 +1,54 @@
+"""Encoding the answer: the edited photo as PNG (Pillow at level 1 vs the imagecodecs path the server
+uses) and as JPEG q95 (the answer to a JPEG upload), on the demo portrait.
+
+Run: ``python bench/encode.py [--repeats 10]`` (or ``bench/run_all.py --only encode``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import PHOTOS, machine, summary, table, time_ms
+from server.imaging import JPEG_QUALITY_FULL, encode_jpeg, encode_png
+
+
+def pillow_png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def run(repeats: int) -> str:
+    arr = np.asarray(Image.open(PHOTOS / "portrait-1.jpg").convert("RGB"))
+    rows = []
+    for name, fn in (
+        ("PNG, Pillow level 1 (before)", lambda: pillow_png(arr)),
+        ("PNG, server (imagecodecs: level 1, RLE, SUB filter)", lambda: encode_png(arr)),
+        (f"JPEG q{JPEG_QUALITY_FULL}, Pillow", lambda: encode_jpeg(arr, JPEG_QUALITY_FULL)),
+    ):
+        p50, p95 = summary(time_ms(fn, repeats, warmup=1))
+        rows.append([name, p50, p95, f"{len(fn()) / 1e6:.2f}"])
+    h, w = arr.shape[:2]
+    title = f"### Encoding the answer ({w} × {h} photo, one thread)"
+    return f"{title}\n\n{machine()}\n\n" + table(["encoder", "p50 ms", "p95 ms", "MB"], rows) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--repeats", type=int, default=10)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    logging.getLogger(__name__).info("\n%s", run(args.repeats))
+
+
+if __name__ == "__main__":
+    main()
