@@ -122,8 +122,8 @@ def _imagecodecs() -> Any:
 
 def encode_png(arr: np.ndarray, compress_level: int = 1) -> bytes:
     """Lossless PNG of an (H, W, 3) or (H, W) uint8 array. With imagecodecs (libpng with OpenCV's fast
-    settings: run-length deflate, SUB filter) a 2048 × 1665 photo took 200 ms where Pillow at level 1
-    took 442 ms, 3 % larger (EPYC, one thread, 2026-11-23); Pillow is the fallback."""
+    settings: run-length deflate, SUB filter) it takes about half Pillow's time at level 1 for a 3 % larger
+    file (``bench/encode.py``, bench/RESULTS.md); Pillow is the fallback."""
     codecs = _imagecodecs()
     if codecs is not None and compress_level <= 1:
         return bytes(codecs.png_encode(np.ascontiguousarray(arr), level=1, strategy=3, filter=16))
