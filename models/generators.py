@@ -12,6 +12,7 @@ per-pixel change normalised to [0, 1], so callers always get something to overla
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -216,6 +217,34 @@ def convert_upsampling(state_dict: dict[str, torch.Tensor], target: nn.Module) -
     return out
 
 
+def _zero_padded(
+    state_dict: dict[str, torch.Tensor],
+    target: nn.Module,
+    fits: Callable[[torch.Size, torch.Size], bool],
+    verb: str,
+    participle: str,
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``target``'s state dict filled from ``state_dict``: a tensor of the same shape as it is, one whose
+    shapes ``fits(have, want)`` with its values in the leading corner and zeros elsewhere (their names
+    are returned); anything else raises ``ValueError``."""
+    out: dict[str, torch.Tensor] = {}
+    padded = []
+    for key, want in target.state_dict().items():
+        have = state_dict.get(key)
+        if have is None:
+            raise ValueError(f"{key}: missing from the network being {participle}")
+        if have.shape == want.shape:
+            out[key] = have
+            continue
+        if have.dim() != want.dim() or not fits(have.shape, want.shape):
+            raise ValueError(f"{key}: shape {tuple(have.shape)} cannot {verb} to {tuple(want.shape)}")
+        new = torch.zeros(want.shape, dtype=have.dtype)
+        new[tuple(slice(0, n) for n in have.shape)] = have
+        out[key] = new
+        padded.append(key)
+    return out, padded
+
+
 def grow_state_dict(
     state_dict: dict[str, torch.Tensor], target: nn.Module, n_old: int, n_new: int
 ) -> dict[str, torch.Tensor]:
@@ -228,22 +257,12 @@ def grow_state_dict(
     attributes' slots start at **zero**, so at step 0 the grown network computes exactly what the old
     one did for the old attributes, whatever the new attributes' inputs. Anything else must match.
     """
-    grown = n_new - n_old
-    out: dict[str, torch.Tensor] = {}
-    for key, want in target.state_dict().items():
-        have = state_dict.get(key)
-        if have is None:
-            raise ValueError(f"{key}: missing from the network being grown")
-        if have.shape == want.shape:
-            out[key] = have
-            continue
-        diff = [d for d in range(want.dim()) if want.shape[d] != have.shape[d]]
-        if have.dim() != want.dim() or len(diff) != 1 or want.shape[diff[0]] - have.shape[diff[0]] != grown:
-            raise ValueError(f"{key}: shape {tuple(have.shape)} cannot grow to {tuple(want.shape)}")
-        new = torch.zeros(want.shape, dtype=have.dtype)
-        new.narrow(diff[0], 0, have.shape[diff[0]]).copy_(have)
-        out[key] = new
-    return out
+
+    def one_dimension_grown(have: torch.Size, want: torch.Size) -> bool:
+        diff = [d for d in range(len(want)) if want[d] != have[d]]
+        return len(diff) == 1 and want[diff[0]] - have[diff[0]] == n_new - n_old
+
+    return _zero_padded(state_dict, target, one_dimension_grown, "grow", "grown")[0]
 
 
 def widen_state_dict(
@@ -260,19 +279,8 @@ def widen_state_dict(
     what the parent did (new inputs are multiplied by zero weights; an attention's new value rows are
     zero, so its new channels pass the condition through). Anything else must match.
     """
-    out: dict[str, torch.Tensor] = {}
-    widened = []
-    for key, want in target.state_dict().items():
-        have = state_dict.get(key)
-        if have is None:
-            raise ValueError(f"{key}: missing from the network being widened")
-        if have.shape == want.shape:
-            out[key] = have
-            continue
-        if have.dim() != want.dim() or any(h > w for h, w in zip(have.shape, want.shape, strict=True)):
-            raise ValueError(f"{key}: shape {tuple(have.shape)} cannot widen to {tuple(want.shape)}")
-        new = torch.zeros(want.shape, dtype=have.dtype)
-        new[tuple(slice(0, n) for n in have.shape)] = have
-        out[key] = new
-        widened.append(key)
-    return out, widened
+
+    def no_smaller(have: torch.Size, want: torch.Size) -> bool:
+        return all(h <= w for h, w in zip(have, want, strict=True))
+
+    return _zero_padded(state_dict, target, no_smaller, "widen", "widened")

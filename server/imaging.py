@@ -120,20 +120,20 @@ def _imagecodecs() -> Any:
     return imagecodecs
 
 
-def encode_png(arr: np.ndarray, compress_level: int = 1) -> bytes:
+def encode_png(arr: np.ndarray) -> bytes:
     """Lossless PNG of an (H, W, 3) or (H, W) uint8 array. With imagecodecs (libpng with OpenCV's fast
     settings: run-length deflate, SUB filter) it takes about half Pillow's time at level 1 for a 3 % larger
     file (``bench/encode.py``, bench/RESULTS.md); Pillow is the fallback."""
     codecs = _imagecodecs()
-    if codecs is not None and compress_level <= 1:
+    if codecs is not None:
         return bytes(codecs.png_encode(np.ascontiguousarray(arr), level=1, strategy=3, filter=16))
     buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG", compress_level=compress_level)
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 
-def b64_png(arr: np.ndarray, compress_level: int = 1) -> str:
-    return base64.b64encode(encode_png(arr, compress_level)).decode("ascii")
+def b64_png(arr: np.ndarray) -> str:
+    return base64.b64encode(encode_png(arr)).decode("ascii")
 
 
 JPEG_MAGIC = b"\xff\xd8\xff"

@@ -10,7 +10,6 @@ import torch
 from models.checkpoint import save_pretrained
 from models.registry import build, get_preset
 from server.faces import DEFAULT_TEMPLATE
-from server.launch import free_port, live_server, rss_mb  # noqa: F401 - re-exported for the tests
 
 PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "photos"
 

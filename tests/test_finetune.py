@@ -193,7 +193,8 @@ def test_fine_tune_with_an_added_attribute_reaches_a_live_editor(
 
     import httpx
 
-    from tests.server_utils import PHOTOS, live_server, make_weights
+    from server.launch import live_server
+    from tests.server_utils import PHOTOS, make_weights
 
     weights = make_weights(tmp_path / "served", generators=())  # the classifier only
     shutil.copytree(release, weights / "tiny")

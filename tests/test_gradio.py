@@ -11,7 +11,8 @@ import pytest
 from PIL import Image, ImageOps
 
 from frontend.headless import CHROMIUM, FLAGS
-from tests.server_utils import PHOTOS, live_server, make_weights
+from server.launch import live_server
+from tests.server_utils import PHOTOS, make_weights
 
 pytestmark = pytest.mark.slow  # starts servers / browsers / processes: CI runs it, `-m 'not slow'` skips it
 

@@ -12,7 +12,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.server_utils import PHOTOS, live_server, make_weights, rss_mb
+from server.launch import live_server, rss_mb
+from tests.server_utils import PHOTOS, make_weights
 
 CLIENTS = 32
 SECONDS = 30.0

@@ -253,7 +253,7 @@ def test_training_killed_with_sigkill_resumes_from_the_last_complete_checkpoint(
 
 @pytest.mark.slow
 def test_export_notify_reloads_a_live_server(tmp_path: Path, prepared_cache: Path) -> None:
-    from tests.server_utils import live_server
+    from server.launch import live_server
     from training.cli import main as cli
     from training.config import TrainConfig
     from training.trainer import Trainer
