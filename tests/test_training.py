@@ -11,7 +11,7 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio
 
-from models.attributes import STGAN_ATTRIBUTES
+from models.attributes import STGAN_ATTRIBUTES, condition_vector
 from models.checkpoint import CheckpointError, load_pretrained
 from training.checkpoints import ema_generator_from_checkpoint, read_training_checkpoint
 from training.cli import main as cli
@@ -415,3 +415,75 @@ def test_a_generator_with_more_injection_layers_starts_from_its_parent_with_the_
     assert all(float(state[k].abs().sum()) > 0 for k in widened)  # the parent's part is kept
     with pytest.raises(ValueError, match="cannot widen"):
         widen_state_dict(child.state_dict(), parent)  # narrowing is refused
+
+
+def _two_pass_step(trainer: Trainer) -> None:
+    """The step as it was before the generator pass was shared: D learns from a no-grad edit of its
+    own, then G's loss runs the generator again (the reference the shared pass must equal)."""
+    from training import losses
+    from training.data import step_generator
+
+    cfg, step = trainer.cfg, trainer.step
+    trainer._set_lr()
+    gen = step_generator(cfg.seed, step)
+    x_real, c_src, c_trg = trainer._batch(step, gen)
+    scale = 1.0 + (cfg.diff_scale_max - 1.0) * torch.rand(c_src.shape[0], 1, generator=gen)
+    mode = trainer.G.config.conditioning
+    cond = condition_vector(c_src, c_trg - c_src, mode, scale)
+    cond_rec = condition_vector(c_src, torch.zeros_like(c_src), mode)
+    trainer.D.requires_grad_(True)
+    with torch.no_grad():
+        x_fake = trainer.G(x_real, cond)[0]
+    use_r1 = step % cfg.r1_interval == 0
+    d_loss, _ = losses.discriminator_loss(
+        trainer.D,
+        x_real,
+        x_fake,
+        c_src,
+        cfg,
+        label_frequency=trainer.label_frequency,
+        use_r1=use_r1,
+        rng=gen,
+        autocast=trainer._autocast,
+    )
+    trainer.opt_D.zero_grad(set_to_none=True)
+    d_loss.backward()
+    trainer.opt_D.step()
+    trainer.D.requires_grad_(False)
+    g_pass = losses.generator_pass(trainer.G, x_real, cond, cond_rec, trainer._autocast)
+    g_loss, _ = losses.generator_loss(
+        g_pass,
+        trainer.D,
+        x_real,
+        c_src,
+        c_trg,
+        cfg,
+        background_weight=trainer.background_weight,
+        mask_weight_map=trainer.mask_weight_map,
+        autocast=trainer._autocast,
+    )
+    trainer.opt_G.zero_grad(set_to_none=True)
+    g_loss.backward()
+    trainer.opt_G.step()
+
+
+@pytest.mark.parametrize("preset", ["stgan-tiny", "mugan-tiny"])
+def test_a_step_runs_the_generator_once_and_equals_the_two_pass_step(
+    prepared_cache: Path, tmp_path: Path, preset: str
+) -> None:
+    cfg = tiny_config(prepared_cache, tmp_path, preset=preset, diff_scale_max=2.0)
+    shared, reference = Trainer(cfg, tmp_path / "a"), Trainer(cfg, tmp_path / "b")
+    reference.G.load_state_dict(shared.G.state_dict())
+    reference.D.load_state_dict(shared.D.state_dict())
+    encodes = []
+    shared.G.encoder[0].register_forward_hook(lambda *_: encodes.append(1))
+    for _ in range(2):  # step 0 is an R1 step, step 1 is not
+        shared.train_step()
+        _two_pass_step(reference)
+        reference.step += 1
+    assert len(encodes) == 2  # once per step: the shared pass
+    for net in ("G", "D"):
+        for (name, p), q in zip(
+            getattr(shared, net).named_parameters(), getattr(reference, net).parameters(), strict=True
+        ):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"{net}.{name}")

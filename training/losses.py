@@ -1,12 +1,13 @@
 """Losses as pure functions returning ``(loss, logs)``; logs hold detached floats for the bar/TensorBoard.
 
-The terms first, then :func:`discriminator_loss` and :func:`generator_loss`, which run the networks
-and sum the terms of one training step (stargan-v2's ``compute_d_loss`` / ``compute_g_loss``)."""
+The terms first, then :func:`discriminator_loss`, :func:`generator_pass` and :func:`generator_loss`,
+which run the networks and sum the terms of one training step (stargan-v2's ``compute_d_loss`` / ``compute_g_loss``)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -186,29 +187,51 @@ def discriminator_loss(
     return d_loss, logs
 
 
-def generator_loss(
+@dataclass(frozen=True)
+class GeneratorPass:
+    """One step's generator outputs (with their graph): the edit, and the reconstruction at zero
+    difference from the same encoding. D's update reads ``x_fake`` detached and G's loss reads it
+    whole, so a step runs the generator once (n_critic 1)."""
+
+    x_fake: torch.Tensor
+    mask_fake: torch.Tensor
+    x_rec_raw: torch.Tensor
+    mask_rec: torch.Tensor | None  # None: the generator has no mask head
+
+
+def generator_pass(
     generator: nn.Module,
+    x_real: torch.Tensor,
+    cond: torch.Tensor,
+    cond_rec: torch.Tensor,
+    autocast: Callable[[], AbstractContextManager[Any]],
+) -> GeneratorPass:
+    """Encode ``x_real`` once, decode it with the edit's condition and with the reconstruction's."""
+    with autocast():
+        encoded = generator.encode(x_real)
+        x_fake, mask_fake = generator.decode(encoded, cond)
+        x_rec_raw, mask_rec = generator.decode_parts(encoded, cond_rec)
+    return GeneratorPass(x_fake, mask_fake, x_rec_raw, mask_rec)
+
+
+def generator_loss(
+    g_pass: GeneratorPass,
     discriminator: nn.Module,
     x_real: torch.Tensor,
     c_src: torch.Tensor,
     c_trg: torch.Tensor,
-    cond: torch.Tensor,
-    cond_rec: torch.Tensor,
     cfg: TrainConfig,
     *,
     background_weight: torch.Tensor,
     mask_weight_map: torch.Tensor | None,
     autocast: Callable[[], AbstractContextManager[Any]],
 ) -> tuple[torch.Tensor, Logs]:
-    """G's loss: fool D, be classified as the target (over all attributes and over the changed ones),
-    reconstruct at zero difference, leave the background alone, and, with a mask head, the raw
-    decoder reconstruction and the mask's regularisers. ``cond`` / ``cond_rec``: the condition
-    vectors of the edit and of the reconstruction."""
+    """G's loss on its pass (:func:`generator_pass`): fool D, be classified as the target (over all
+    attributes and over the changed ones), reconstruct at zero difference, leave the background
+    alone, and, with a mask head, the raw decoder reconstruction and the mask's regularisers."""
     logs: Logs = {}
+    x_fake, mask_fake, x_rec_raw, mask_rec = g_pass.x_fake, g_pass.mask_fake, g_pass.x_rec_raw, g_pass.mask_rec
     with autocast():
-        encoded = generator.encode(x_real)
-        x_fake, mask_fake = generator.decode(encoded, cond)
-        x_rec_raw, mask_rec = generator.decode_parts(encoded, cond_rec)
         fake_adv, fake_cls = discriminator(x_fake)
     x_rec = x_rec_raw if mask_rec is None else mask_rec * x_rec_raw + (1 - mask_rec) * x_real
     g_adv, lg = g_adversarial(fake_adv, cfg.gan_loss)
@@ -226,7 +249,7 @@ def generator_loss(
         g_cls_changed, lg = changed_attribute_bce(fake_cls, c_trg, c_src)
         logs |= lg
         g_loss = g_loss + cfg.lambda_g_cls_changed * g_cls_changed
-    if generator.config.mask_head:
+    if mask_rec is not None:  # a mask head
         # The raw decoder output must reconstruct too: then opening the mask costs the
         # reconstruction nothing, and the mask is free to mark only what an edit changes.
         g_rec_raw, _ = reconstruction_l1(x_rec_raw, x_real)

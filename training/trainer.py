@@ -153,11 +153,18 @@ class Trainer:
         cond_rec = condition_vector(c_src, torch.zeros_like(c_src), mode)
         logs: dict[str, float] = {}
 
+        # ---- the generator runs once: D learns from its edit detached, G's loss reads the same pass
+        # after D's update. With n_critic > 1 the earlier critic steps draw their own no-grad edits.
+        g_pass = losses.generator_pass(self.G, x_real, cond, cond_rec, self._autocast)
+
         # ---- discriminator
         self.D.requires_grad_(True)
-        for _ in range(cfg.n_critic):
-            with torch.no_grad(), self._autocast():
-                x_fake = self.G(x_real, cond)[0].float()
+        for i in range(cfg.n_critic):
+            if i == cfg.n_critic - 1:
+                x_fake = g_pass.x_fake.detach().float()
+            else:
+                with torch.no_grad(), self._autocast():
+                    x_fake = self.G(x_real, cond)[0].float()
             use_r1 = cfg.gan_loss == "nsgan" and cfg.r1_gamma > 0 and step % cfg.r1_interval == 0
             d_loss, lg = losses.discriminator_loss(
                 self.D,
@@ -180,13 +187,11 @@ class Trainer:
         # ---- generator
         self.D.requires_grad_(False)
         g_loss, lg = losses.generator_loss(
-            self.G,
+            g_pass,
             self.D,
             x_real,
             c_src,
             c_trg,
-            cond,
-            cond_rec,
             cfg,
             background_weight=self.background_weight,
             mask_weight_map=self.mask_weight_map,
