@@ -1,4 +1,4 @@
-# The editor's image: uvicorn serving server.app:app, weights mounted read-only at /app/weights.
+# The editor's image: uvicorn serving server.boot:app (which imports server.app:app in the background), weights mounted read-only at /app/weights.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
@@ -25,4 +25,4 @@ ENV FACE_EDITOR_HOST=0.0.0.0 FACE_EDITOR_PORT=8000 FACE_EDITOR_WEIGHTS_DIR=/app/
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
   CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=4).status == 200 else 1)"
-CMD ["python", "-m", "uvicorn", "server.app:app", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["python", "-m", "uvicorn", "server.boot:app", "--host", "0.0.0.0", "--port", "8000"]

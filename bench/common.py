@@ -23,6 +23,15 @@ def machine() -> str:
     )
 
 
+def machine_kind() -> str:
+    """What sets a machine's tables apart: the CPU model and whether it has bf16 units. ``run_all``
+    titles each section with it, so each kind of machine keeps its own tables in RESULTS.md."""
+    cpu = machine_description().split(",")[0]
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
+    units = "bf16 units" if cpu_has_bf16_units() else "no bf16 units"
+    return ", ".join(x for x in (cpu, units, gpu) if x)
+
+
 def precisions() -> tuple[str, ...]:
     """The precisions worth timing here: bf16 only where the CPU has bf16 units (emulated bf16 is ~40x
     slower than fp32 and a bf16 row would take longer than the whole bench)."""

@@ -2,7 +2,8 @@
 
 Run: ``python bench/run_all.py [--weights weights] [--quick] [--only slider,train_step]``. Stop (or
 ``kill -STOP``) training runs first: the numbers are only meaningful on an otherwise idle machine.
-``--only`` re-runs the named benchmarks and replaces just their sections of an existing RESULTS.md.
+Each section's title ends with the machine's kind (CPU model, bf16 units): a run replaces this kind's
+sections of RESULTS.md and keeps those of other machines; ``--only`` re-runs just the named benchmarks.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import encode, memory, photo_http, slider, startup, throughput, train_step
+from bench.common import machine_kind
 
 
 def benchmarks(weights: Path, quick: bool) -> dict[str, Callable[[], str]]:
@@ -37,12 +39,19 @@ def header() -> str:
 
 
 def replace_section(text: str, section: str) -> str:
-    """Swap the ``### Title`` section of ``text`` that ``section`` starts with (append it if absent)."""
+    """Swap the section of ``text`` whose ``### Title`` line is exactly ``section``'s first line (append
+    it if absent); a title that only begins the same way is another section."""
     title = section.splitlines()[0]
-    pattern = re.escape(title) + r".*?(?=\n### |\Z)"
-    if re.search(pattern, text, flags=re.S):
-        return re.sub(pattern, lambda _: section.rstrip("\n") + "\n", text, flags=re.S)
+    pattern = "^" + re.escape(title) + r"$.*?(?=\n### |\Z)"
+    if re.search(pattern, text, flags=re.S | re.M):
+        return re.sub(pattern, lambda _: section.rstrip("\n") + "\n", text, count=1, flags=re.S | re.M)
     return text.rstrip("\n") + "\n\n" + section
+
+
+def for_machine(section: str, kind: str) -> str:
+    """``section`` with ``kind`` (:func:`bench.common.machine_kind`) appended to its title line."""
+    title, _, rest = section.partition("\n")
+    return f"{title} — {kind}\n{rest}"
 
 
 def main() -> None:
@@ -55,18 +64,17 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     runs = benchmarks(args.weights, args.quick)
-    if args.only:
-        names = args.only.split(",")
-        unknown = set(names) - set(runs)
-        if unknown:
-            p.error(f"unknown benchmark(s) {sorted(unknown)}; known: {', '.join(runs)}")
-        text = args.out.read_text() if args.out.is_file() else header()
-        text = re.sub(r"Written by `python bench/run_all.py` on [0-9-]+", header().splitlines()[2][:-1], text)
-        for name in names:
-            text = replace_section(text, runs[name]())
-        args.out.write_text(text.rstrip("\n") + "\n")
-    else:
-        args.out.write_text("\n".join([header(), *(run() for run in runs.values())]))
+    names = args.only.split(",") if args.only else list(runs)
+    unknown = set(names) - set(runs)
+    if unknown:
+        p.error(f"unknown benchmark(s) {sorted(unknown)}; known: {', '.join(runs)}")
+    # Sections are titled with the machine's kind: a run replaces this kind's tables and keeps the others'.
+    text = args.out.read_text() if args.out.is_file() else header()
+    text = re.sub(r"Written by `python bench/run_all.py` on [0-9-]+", header().splitlines()[2][:-1], text)
+    kind = machine_kind()
+    for name in names:
+        text = replace_section(text, for_machine(runs[name](), kind))
+    args.out.write_text(text.rstrip("\n") + "\n")
     logging.getLogger(__name__).info("wrote %s", args.out)
 
 

@@ -28,7 +28,7 @@ TOKEN = "bench-reload"
 def _start(weights: Path) -> tuple[subprocess.Popen, str, float]:
     port = free_port()
     env = os.environ | {"FACE_EDITOR_WEIGHTS_DIR": str(weights), "FACE_EDITOR_ADMIN_TOKEN": TOKEN}
-    cmd = [sys.executable, "-m", "uvicorn", "server.app:app", "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [sys.executable, "-m", "uvicorn", "server.boot:app", "--host", "127.0.0.1", "--port", str(port)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         [*cmd, "--log-level", "warning"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT

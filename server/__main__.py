@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger(__name__).info("serving on http://%s:%d/ (API docs at /docs)", args.host, args.port)
-    uvicorn.run("server.app:app", host=args.host, port=args.port, workers=args.workers, log_level="info")
+    uvicorn.run("server.boot:app", host=args.host, port=args.port, workers=args.workers, log_level="info")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Run the app in a child process: uvicorn serving ``server.app:app`` on a free loopback port, ready
+"""Run the app in a child process: uvicorn serving ``server.boot:app`` on a free loopback port, ready
 when ``/readyz`` says so. The tests, the benchmarks and the README screenshot all start it this way."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def live_server(weights: Path, **env: str) -> Iterator[tuple[str, subprocess.Popen]]:
-    """uvicorn serving ``server.app:app`` on a free loopback port; yields (url, process)."""
+    """uvicorn serving ``server.boot:app`` on a free loopback port; yields (url, process)."""
     import httpx
 
     port = free_port()
@@ -34,7 +34,7 @@ def live_server(weights: Path, **env: str) -> Iterator[tuple[str, subprocess.Pop
             sys.executable,
             "-m",
             "uvicorn",
-            "server.app:app",
+            "server.boot:app",
             "--host",
             "127.0.0.1",
             "--port",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.run_all import header, replace_section
+from bench.run_all import for_machine, header, replace_section
 
 
 def test_replace_section_swaps_only_the_named_section() -> None:
@@ -22,3 +22,19 @@ def test_the_new_rows_run_with_only() -> None:
     from bench.run_all import benchmarks
 
     assert {"startup", "slider", "photo_http", "train_step"} <= set(benchmarks(Path("weights"), quick=True))
+
+
+def test_each_kind_of_machine_keeps_its_own_sections() -> None:
+    xeon = for_machine("### Slider move\n\nxeon rows\n", "Intel Xeon, bf16 units")
+    epyc_old = for_machine("### Slider move\n\nold epyc rows\n", "AMD EPYC, no bf16 units")
+    text = replace_section(replace_section(header(), xeon), epyc_old)
+    assert text.count("### Slider move") == 2
+    text = replace_section(text, for_machine("### Slider move\n\nnew epyc rows\n", "AMD EPYC, no bf16 units"))
+    assert "xeon rows" in text and "new epyc rows" in text and "old epyc rows" not in text
+    assert text.count("### Slider move") == 2
+
+
+def test_a_title_that_only_begins_another_is_another_section() -> None:
+    text = replace_section(header(), for_machine("### Slider move\n\nepyc rows\n", "AMD EPYC"))
+    text = replace_section(text, "### Slider move\n\nrows of an untitled machine\n")
+    assert "epyc rows" in text and "rows of an untitled machine" in text

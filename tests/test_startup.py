@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from models.precision import resolve_precision
 from server.app import create_app
+from server.boot import BootApp
 from server.config import Settings
 from server.served_models import ModelRegistry
 from server.state import AppState
@@ -59,3 +64,69 @@ def test_no_bf16_trial_at_start_up_without_bf16_units(tmp_path: Path, monkeypatc
     reg = ModelRegistry.load(make_weights(tmp_path / "w"), torch.device("cpu"), precision="auto")
     served = reg.generators["stgan"]
     assert served.precision == "fp32" and served.speedup_bf16 is None  # no timing trial ran
+
+
+def _run_boot(boot: BootApp, scenario: Callable[[httpx.AsyncClient], Awaitable[None]]) -> None:
+    """Start ``boot``'s lifespan as uvicorn does, run ``scenario`` against it, shut it down."""
+
+    async def main() -> None:
+        inbox: asyncio.Queue[dict] = asyncio.Queue()
+        outbox: asyncio.Queue[dict] = asyncio.Queue()
+        lifespan = asyncio.create_task(boot({"type": "lifespan"}, inbox.get, outbox.put))
+        await inbox.put({"type": "lifespan.startup"})
+        assert (await outbox.get())["type"] == "lifespan.startup.complete"  # at once, before the import
+        transport = httpx.ASGITransport(app=boot)
+        async with httpx.AsyncClient(transport=transport, base_url="http://boot") as client:
+            await scenario(client)
+        await inbox.put({"type": "lifespan.shutdown"})
+        assert (await outbox.get())["type"] == "lifespan.shutdown.complete"
+        await lifespan
+
+    asyncio.run(main())
+
+
+def test_the_entry_point_answers_liveness_while_the_app_is_imported(tmp_path: Path) -> None:
+    weights = make_weights(tmp_path / "weights")
+    importing, release = threading.Event(), threading.Event()
+
+    def slow_import() -> FastAPI:  # stands in for importing torch and server.app
+        importing.set()
+        assert release.wait(30), "the test never released the import"
+        return create_app(Settings(weights_dir=weights))
+
+    boot = BootApp(slow_import)
+
+    async def scenario(client: httpx.AsyncClient) -> None:
+        assert await asyncio.to_thread(importing.wait, 30)
+        live = await client.get("/healthz")
+        assert live.status_code == 200 and live.json()["phase"] == "starting"
+        assert (await client.get("/readyz")).status_code == 503
+        early = await client.get("/v1/models")
+        assert early.status_code == 503 and early.headers["retry-after"] == "2"
+        release.set()
+        for _ in range(300):
+            if boot.ready:
+                break
+            await asyncio.sleep(0.1)
+        models = await client.get("/v1/models")  # the real app now, its lifespan entered (models load)
+        assert models.status_code == 200 and {m["name"] for m in models.json()["models"]} == {"stgan"}
+        assert (await client.get("/healthz")).json() == {"status": "ok"}
+
+    _run_boot(boot, scenario)
+
+
+def test_an_app_that_fails_to_load_is_reported_on_healthz() -> None:
+    def broken() -> FastAPI:
+        raise ImportError("no module named torch")
+
+    boot = BootApp(broken)
+
+    async def scenario(client: httpx.AsyncClient) -> None:
+        for _ in range(100):
+            live = await client.get("/healthz")
+            if live.status_code != 200:
+                break
+            await asyncio.sleep(0.05)
+        assert live.status_code == 500 and "no module named torch" in live.json()["detail"]
+
+    _run_boot(boot, scenario)
