@@ -90,15 +90,6 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return np.asarray(transform.params, np.float64)
 
 
-def _sample(image: torch.Tensor, coords: torch.Tensor, mode: str = "bilinear", padding: str = "zeros") -> torch.Tensor:
-    """Sample (1, C, H, W) ``image`` at pixel coordinates ``coords`` (h, w, 2 as x, y; pixel centres)."""
-    h, w = image.shape[-2:]
-    grid = torch.empty_like(coords)
-    grid[..., 0] = (coords[..., 0] + 0.5) / w * 2 - 1
-    grid[..., 1] = (coords[..., 1] + 0.5) / h * 2 - 1
-    return F.grid_sample(image, grid.unsqueeze(0), mode=mode, padding_mode=padding, align_corners=False)
-
-
 def _pixel_grid(h: int, w: int, offset: tuple[float, float] = (0.0, 0.0), step: float = 1.0) -> torch.Tensor:
     ys = (torch.arange(h, dtype=torch.float64) + 0.5) * step - 0.5 + offset[1]
     xs = (torch.arange(w, dtype=torch.float64) + 0.5) * step - 0.5 + offset[0]
@@ -106,9 +97,19 @@ def _pixel_grid(h: int, w: int, offset: tuple[float, float] = (0.0, 0.0), step: 
     return torch.stack([xx, yy], dim=-1)
 
 
-def _apply(m: np.ndarray, coords: torch.Tensor) -> torch.Tensor:
-    mt = torch.from_numpy(m).to(coords.dtype)
-    return coords @ mt[:2, :2].T + mt[:2, 2]
+def _read_range(lo: float, hi: float, n: int) -> tuple[int, int]:
+    """Pixel indices ``[a, b)`` of an axis of ``n`` pixels that bilinear sampling at coordinates in
+    ``[lo, hi]`` reads, borders reflected (``grid_sample``'s reflection about -0.5 and n - 0.5). Where a
+    sample lies outside the photo the range reaches that border, so reflecting about the range's edge
+    is reflecting about the photo's; beyond one reflection the whole axis is read."""
+    if lo < -n - 0.5 or hi > 2 * n - 0.5:
+        return 0, n
+    a, b = max(lo, -0.5), min(hi, n - 0.5)
+    if lo < -0.5:
+        b = max(b, -1.0 - lo)
+    if hi > n - 0.5:
+        a = min(a, 2.0 * n - 1.0 - hi)
+    return max(math.floor(a) - 1, 0), min(math.ceil(b) + 2, n)
 
 
 @dataclass
@@ -140,10 +141,20 @@ def align_face(
     m = similarity_transform(landmarks, dst)
     alignment = Alignment(m, size)
     factor = int(min(8, max(1, math.ceil(alignment.photo_scale))))
-    crop_coords = _pixel_grid(size * factor, size * factor, step=1.0 / factor)
-    photo_coords = _apply(alignment.inverse, crop_coords).float()
-    img = torch.from_numpy(photo).permute(2, 0, 1).unsqueeze(0).float()
-    crop = _sample(img, photo_coords, padding="reflection")
+    # The crop's corners bound the photo pixels its samples read (the warp is affine); only those are
+    # converted to float, and the sampling grid comes from one affine_grid (float32) over them.
+    corners = np.array([[-0.5, -0.5, 1], [size - 0.5, -0.5, 1], [-0.5, size - 0.5, 1], [size - 0.5, size - 0.5, 1]]).T
+    xs, ys = (alignment.inverse @ corners)[:2]
+    x0, x1 = _read_range(float(xs.min()), float(xs.max()), photo.shape[1])
+    y0, y1 = _read_range(float(ys.min()), float(ys.max()), photo.shape[0])
+    region = np.ascontiguousarray(photo[y0:y1, x0:x1])
+    img = torch.from_numpy(region).permute(2, 0, 1).unsqueeze(0).float()
+    h, w = y1 - y0, x1 - x0
+    norm_to_crop = np.array([[size / 2, 0, size / 2 - 0.5], [0, size / 2, size / 2 - 0.5], [0, 0, 1]])
+    region_to_norm = np.array([[2 / w, 0, (0.5 - x0) * 2 / w - 1], [0, 2 / h, (0.5 - y0) * 2 / h - 1], [0, 0, 1]])
+    theta = torch.from_numpy((region_to_norm @ alignment.inverse @ norm_to_crop)[:2]).float().unsqueeze(0)
+    grid = F.affine_grid(theta, [1, 3, size * factor, size * factor], align_corners=False)
+    crop = F.grid_sample(img, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     if factor > 1:
         crop = F.avg_pool2d(crop, factor)
     return (crop / 127.5 - 1.0).clamp(-1, 1), alignment

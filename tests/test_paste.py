@@ -4,6 +4,7 @@ part of the crop that changes anything gives exactly the same photo and overlay.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from server.faces import Alignment, compose, paste_region, similarity_transform, tint_overlay
@@ -91,3 +92,38 @@ def test_similarity_transform_is_exact_on_a_similarity_and_matches_the_closed_fo
     np.testing.assert_allclose(m[:2, 2], shift, atol=1e-7)
     noisy = dst + rng.normal(0, 3, dst.shape)
     np.testing.assert_allclose(similarity_transform(src, noisy), _umeyama(src, noisy), atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "landmarks_at",
+    [(0.5, 0.5, 0.12), (0.06, 0.5, 0.12), (0.97, 0.05, 0.2), (0.5, 0.9, 0.45), (-0.08, 0.5, 0.2)],
+    ids=["inside", "left-edge", "corner", "larger-than-photo", "mostly-outside"],
+)
+def test_align_reads_only_the_pixels_it_needs_and_gives_the_whole_photo_result(
+    landmarks_at: tuple[float, float, float],
+) -> None:
+    """align_face converts only the region its samples read; the crop equals sampling the whole photo,
+    borders reflected the same way, for faces inside the photo, at its edges and larger than it."""
+    from server.faces import DEFAULT_TEMPLATE, _pixel_grid, align_face
+
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    cx, cy, scale = landmarks_at
+    tpl = np.asarray(DEFAULT_TEMPLATE)
+    angle = 0.3
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    landmarks = ((tpl - 0.5) @ rot.T) * scale * 400 + [cx * 400, cy * 300]
+    crop, alignment = align_face(photo, landmarks, DEFAULT_TEMPLATE, 64)
+
+    factor = int(min(8, max(1, np.ceil(alignment.photo_scale))))
+    # the reference: every sample's photo coordinate in float64, the whole photo sampled
+    inv = torch.from_numpy(np.linalg.inv(alignment.matrix))
+    coords = _pixel_grid(64 * factor, 64 * factor, step=1.0 / factor) @ inv[:2, :2].T + inv[:2, 2]
+    h, w = photo.shape[:2]
+    grid = torch.stack([(coords[..., 0] + 0.5) / w * 2 - 1, (coords[..., 1] + 0.5) / h * 2 - 1], -1).float()
+    image = torch.from_numpy(photo).permute(2, 0, 1).unsqueeze(0).float()
+    whole = torch.nn.functional.grid_sample(image, grid[None], padding_mode="reflection", align_corners=False)
+    if factor > 1:
+        whole = torch.nn.functional.avg_pool2d(whole, factor)
+    expected = (whole / 127.5 - 1.0).clamp(-1, 1)
+    torch.testing.assert_close(crop, expected, atol=1e-3, rtol=0)  # float32 grid vs float64 coordinates
