@@ -88,6 +88,7 @@ class AppState:
             s.bf16_tolerance,
             micro_batch,
             s.micro_batch_wait_ms,
+            s.layout,
         )
         old, self.registry = self.registry, new
         old.close()  # its batchers finish what is queued, then their threads end

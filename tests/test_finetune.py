@@ -64,7 +64,10 @@ def test_init_from_a_release_reproduces_its_generator_before_the_first_step(
     (release / "config.json").write_text(json.dumps(doc))
     child = export_run(tmp_path / "ft", tmp_path / "weights" / "child", checkpoint="last", cache_dir=prepared_cache)
     assert load_pretrained(child)[1].alignment_template == doc["alignment_template"]
-    assert (child / DISCRIMINATOR_FILE).is_file() and f"`{release}`" in (child / "card.md").read_text()
+    card = (child / "card.md").read_text()
+    assert (child / DISCRIMINATOR_FILE).is_file() and f"`{release}`" in card
+    # the card's "reproduce" line names the run folder the checkpoint came from, not the release's name
+    assert f"--run {(tmp_path / 'ft').as_posix()} --resume" in card
     released, _ = load_pretrained(release)
     x = torch.rand(3, 3, 32, 32) * 2 - 1
     c = torch.zeros(3, 13)

@@ -66,6 +66,60 @@ def test_no_bf16_trial_at_start_up_without_bf16_units(tmp_path: Path, monkeypatc
     assert served.precision == "fp32" and served.speedup_bf16 is None  # no timing trial ran
 
 
+def test_layout_trial_picks_the_faster_layout_once_per_architecture(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import server.served_models as served_models
+
+    monkeypatch.setattr(served_models, "device_has_bf16_units", lambda device: False)
+    monkeypatch.setattr(served_models, "_LAYOUT_DECISIONS", {})
+    weights = make_weights(tmp_path / "w")
+    reg = ModelRegistry.load(weights, torch.device("cpu"), precision="fp32", layout="contiguous")
+    served = reg.generators["stgan"]
+    x = torch.rand(2, 3, served.info.image_size, served.info.image_size) * 2 - 1
+    cond = torch.zeros(2, len(served.info.attributes))
+    cond[0, 0], cond[1, -1] = 1.0, -0.5
+    out_nchw, mask_nchw = served.decode(served.encode(x), cond)
+
+    trials: list[str] = []
+
+    def timer(ms: dict[str, float]):  # the trial's timings, made up so that the choice is known
+        def fake(s: served_models.ServedGenerator) -> dict[str, float]:
+            trials.append(s.name)
+            return ms
+
+        return fake
+
+    served_models.choose_layout(served, "auto", timer({"channels_last": 9.0, "contiguous": 12.0}))
+    assert served.memory_format == torch.channels_last and trials == ["stgan"]
+    conv = next(m for m in served.net.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    out_cl, mask_cl = served.decode(served.encode(x), cond)
+    torch.testing.assert_close(out_cl, out_nchw, atol=1e-4, rtol=1e-4)  # same edit in either layout
+    torch.testing.assert_close(mask_cl, mask_nchw, atol=1e-4, rtol=1e-4)
+    assert served.describe(None)["layout"] == "channels_last"
+
+    # a reload of the same architecture reuses the decision: no trial while clients are served
+    served_models.choose_layout(served, "auto", timer({"channels_last": 99.0, "contiguous": 1.0}))
+    assert served.memory_format == torch.channels_last and trials == ["stgan"]
+    # another decision for another machine state: NCHW when it is the faster
+    monkeypatch.setattr(served_models, "_LAYOUT_DECISIONS", {})
+    served_models.choose_layout(served, "auto", timer({"channels_last": 20.0, "contiguous": 11.0}))
+    assert served.memory_format == torch.contiguous_format and served.layout_ms == {
+        "channels_last": 20.0,
+        "contiguous": 11.0,
+    }
+    assert not conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_layout_trial_times_both_layouts(tmp_path: Path) -> None:
+    import server.served_models as served_models
+
+    reg = ModelRegistry.load(make_weights(tmp_path / "w"), torch.device("cpu"), precision="fp32", layout="contiguous")
+    ms = served_models.decode_ms(reg.generators["stgan"], rounds=2)
+    assert set(ms) == {"channels_last", "contiguous"} and all(v > 0 for v in ms.values())
+
+
 def _run_boot(boot: BootApp, scenario: Callable[[httpx.AsyncClient], Awaitable[None]]) -> None:
     """Start ``boot``'s lifespan as uvicorn does, run ``scenario`` against it, shut it down."""
 

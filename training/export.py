@@ -67,8 +67,10 @@ def export_run(
     if template is None:
         log.warning("no alignment template in %s: run `python -m training prepare --template-only`", cache_dir)
     step, elapsed, images = int(meta["step"]), float(meta["elapsed_seconds"]), int(meta["images_seen"])
+    run_dir = Path(run) if Path(run).is_dir() else ckpt.parent.parent
     training = {
         "preset": train_cfg["preset"],
+        "run": run_dir.as_posix(),
         "checkpoint": ckpt.name,
         "steps": step,
         "images_seen": images,

@@ -222,7 +222,8 @@ def write_card(folder: str | Path) -> None:
         f"- checkpoint: `{tr.get('checkpoint')}`"
         + (" (selected on the val split)" if tr.get("checkpoint") == "best.safetensors" else " (the run's latest)"),
         "- reproduce: `python -m training train --preset "
-        f"{tr.get('preset')} --run runs/{doc['name']} --resume` with the train config stored in config.json",
+        f"{tr.get('preset')} --run {tr.get('run') or 'runs/' + doc['name']} --resume` "
+        "with the train config stored in config.json",
     ]
     if tc.get("generator_overrides"):
         changed = ", ".join(f"`{k}={v}`" for k, v in tc["generator_overrides"].items())
