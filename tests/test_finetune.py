@@ -290,3 +290,35 @@ def test_add_a_new_column_of_your_own_attribute_file(
     card = (out / "card.md").read_text()
     assert f"`{release}`" in card and "attributes added to the parent release's: Freckles" in card
     assert str(mine) in card
+
+
+def test_recompute_bn_rewrites_a_release_with_its_own_statistics(
+    release: Path, prepared_cache: Path, tmp_path: Path
+) -> None:
+    from models.checkpoint import read_config
+    from training.batchnorm import batchnorm_layers
+
+    before, _ = load_pretrained(release)
+    out = tmp_path / "weights" / "tiny-bn"
+    cli(
+        [
+            "recompute-bn",
+            "--model",
+            str(release),
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(prepared_cache),
+            "--batches",
+            "2",
+        ]
+    )
+    after, info = load_pretrained(out)
+    old_bn, new_bn = batchnorm_layers(before)[0], batchnorm_layers(after)[0]
+    assert not torch.allclose(old_bn.running_var, new_bn.running_var)  # the statistics changed
+    for (name, p), q in zip(before.named_parameters(), after.parameters(), strict=True):
+        torch.testing.assert_close(p, q, msg=name)  # the weights did not
+    doc = read_config(out)
+    assert 0 < doc["training"]["batchnorm"]["images"] <= 32 and info.edit_gain == 1.0 and doc["metrics"] == {}
+    assert (out / DISCRIMINATOR_FILE).is_file() and (out / "samples.png").is_file()
+    assert read_config(release).get("training", {}).get("batchnorm") is None  # the source is untouched

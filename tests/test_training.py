@@ -487,3 +487,56 @@ def test_a_step_runs_the_generator_once_and_equals_the_two_pass_step(
             getattr(shared, net).named_parameters(), getattr(reference, net).parameters(), strict=True
         ):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"{net}.{name}")
+
+
+def test_recomputed_batchnorm_statistics_are_the_average_over_the_training_passes() -> None:
+    from models.registry import build, get_preset
+    from training.batchnorm import batchnorm_layers, edit_batches, recompute_batchnorm
+
+    torch.manual_seed(0)
+    gen = build(*get_preset("stgan-tiny")).eval()
+    layers = batchnorm_layers(gen)
+    assert layers  # the recipes' generators normalise with BatchNorm
+    for m in layers:  # statistics that belong to no network: what a copied live G's can be
+        m.running_mean.fill_(5.0)
+        m.running_var.fill_(1e-3)
+    first, momentum = layers[0], layers[0].momentum
+    inputs: list[torch.Tensor] = []
+    first.register_forward_hook(lambda mod, args, out: inputs.append(args[0].detach()))
+    n_attrs = len(gen.config.attributes)
+    x = torch.rand(8, 3, 32, 32) * 2 - 1
+    c_src = (torch.rand(8, n_attrs) > 0.5).float()
+    c_trg = 1 - c_src
+    assert recompute_batchnorm(gen, edit_batches(gen, x, c_src, c_trg, batch_size=4)) == 2
+    # the first layer (encoder) runs once per batch: its running mean is the mean of the two batch means
+    expected = torch.stack([a.mean(dim=(0, 2, 3)) for a in inputs]).mean(0)
+    torch.testing.assert_close(first.running_mean, expected, rtol=1e-5, atol=1e-6)
+    assert not gen.training and first.momentum == momentum  # mode and momenta restored
+    with torch.no_grad():  # in eval mode the statistics now agree with the batches' own
+        out_eval, _ = gen(x[:4], condition_vector(c_src[:4], c_trg[:4] - c_src[:4], gen.config.conditioning))
+    assert out_eval.abs().max() < 1.0 + 1e-6 and out_eval.std() > 0.05
+
+
+def test_validation_sees_the_ema_generator_with_its_own_batchnorm_statistics(
+    prepared_cache: Path, tmp_path: Path
+) -> None:
+    from training.batchnorm import batchnorm_layers
+
+    trainer = Trainer(tiny_config(prepared_cache, tmp_path, ema_bn_batches=2), tmp_path / "run")
+    trainer.train_step()
+    live, ema = batchnorm_layers(trainer.G)[0], batchnorm_layers(trainer.G_ema)[0]
+    before = ema.running_mean.clone()
+    trainer.train_step()  # between validations G_ema's statistics follow G's by the weights' EMA
+    decay = min(trainer.cfg.ema_decay, 2 / 11)
+    torch.testing.assert_close(ema.running_mean, before.lerp(live.running_mean, 1 - decay))
+    ema.running_mean.fill_(5.0)
+    assert trainer.recompute_ema_batchnorm() == 2
+    once = ema.running_mean.clone()
+    assert not torch.allclose(once, torch.full_like(once, 5.0))
+    ema.running_mean.fill_(5.0)
+    trainer.recompute_ema_batchnorm()  # the batches are a function of the step: reproducible
+    torch.testing.assert_close(ema.running_mean, once)
+    off = Trainer(tiny_config(prepared_cache, tmp_path, ema_bn_batches=0), tmp_path / "off")
+    off.train_step()
+    assert off.recompute_ema_batchnorm() == 0
+    torch.testing.assert_close(batchnorm_layers(off.G_ema)[0].running_mean, batchnorm_layers(off.G)[0].running_mean)

@@ -219,6 +219,12 @@ def cmd_export(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_recompute_bn(args: argparse.Namespace) -> None:
+    from training.export import recompute_release_batchnorm
+
+    recompute_release_batchnorm(args.model, args.out or args.model, args.cache_dir, args.batches, seed=args.seed)
+
+
 def cmd_grid(args: argparse.Namespace) -> None:
     from training.evaluate import grid_command
 
@@ -342,6 +348,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name")
     s.add_argument("--notify", help="URL of a running server's /v1/models/reload to call afterwards")
     s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser(
+        "recompute-bn",
+        help="re-estimate a released generator's BatchNorm statistics from its own activations on training faces",
+    )
+    s.add_argument("--model", required=True, help="weights/<name> folder")
+    s.add_argument("--out", help="folder to write (default: the model's own; its metrics and gain are reset)")
+    s.add_argument("--cache-dir", default=cache)
+    s.add_argument("--batches", type=int, default=32, help="batches of 16 training faces")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_recompute_bn)
 
     s = sub.add_parser("grid", help="sample grid PNG of a model: every attribute flipped on split faces")
     s.add_argument("--model", required=True)

@@ -70,6 +70,11 @@ class TrainConfig:
     mask_floor: float = 0.05
     lambda_mask_floor: float = 10.0
     ema_decay: float = 0.999
+    #: Before each validation (and so in every ``best`` checkpoint) the EMA generator's BatchNorm
+    #: statistics are re-estimated from its own activations on this many training batches
+    #: (:mod:`training.batchnorm`); between validations they follow the live generator's by the same
+    #: EMA as the weights. 0: copy the live generator's statistics every step (the old behaviour).
+    ema_bn_batches: int = 16
     # machinery
     seed: int = 0
     device: str = "auto"

@@ -178,3 +178,75 @@ def update_metrics(folder: str | Path, key: str, metrics: dict) -> None:
     doc.setdefault("metrics", {})[key] = metrics
     write_config(folder, doc)
     write_card(folder)
+
+
+def recompute_release_batchnorm(
+    model: str | Path,
+    out: str | Path,
+    cache_dir: str | Path,
+    batches: int = 32,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> Path:
+    """Re-estimate a released generator's BatchNorm statistics from its own activations on training
+    faces (:mod:`training.batchnorm`) and write the result to ``out`` (a copy of the folder; ``out`` may
+    be ``model``). Edits are drawn as the release's recipe drew them (single-flip fraction, flip weights,
+    difference scale). The metrics and calibrated gain measured with the old statistics are dropped
+    (gain back to 1): run ``calibrate`` and ``evaluate`` again."""
+    import shutil
+
+    from models.attributes import exclusive_groups_for
+    from models.checkpoint import WEIGHTS_FILE, load_pretrained, read_tensors
+    from training.batchnorm import edit_batches, recompute_batchnorm
+    from training.data import sample_targets
+
+    model, out = Path(model), Path(out)
+    gen, info = load_pretrained(model)
+    if info.kind != "generator":
+        raise SystemExit(f"{model} holds a {info.kind}, not a generator")
+    dtype = next(t.dtype for t in read_tensors(model / WEIGHTS_FILE).values() if t.is_floating_point())
+    gen = gen.float()
+    doc = read_config(model)
+    recipe = (doc.get("training") or {}).get("train_config") or {}
+    attributes = tuple(gen.config.attributes)
+    faces = CachedFaces(cache_dir, "train", attributes)
+    rng = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(faces), generator=rng)[: batches * batch_size]
+    batch_size = min(batch_size, len(idx))
+    idx = idx[: len(idx) // batch_size * batch_size]  # whole batches: a short last one skews the average
+    x, c_src = faces.get(idx, torch.rand(len(idx), generator=rng) < 0.5)
+    flip_weights = recipe.get("flip_weights") or {}
+    weights = torch.tensor([float(flip_weights.get(a, 1.0)) for a in attributes]) if flip_weights else None
+    groups = exclusive_groups_for(list(attributes))
+    c_trg = sample_targets(c_src, rng, groups, float(recipe.get("single_flip_fraction", 0.5)), weights)
+    scale = 1.0 + (float(recipe.get("diff_scale_max", 1.0)) - 1.0) * torch.rand(len(idx), 1, generator=rng)
+    n = recompute_batchnorm(gen, edit_batches(gen, x, c_src, c_trg, batch_size, scale))  # type: ignore[arg-type]
+    if n == 0:
+        raise SystemExit(f"{model} has no BatchNorm layers: nothing to recompute")
+    if out.resolve() != model.resolve():
+        shutil.copytree(model, out, dirs_exist_ok=True)
+    training = dict(doc.get("training") or {})
+    training["batchnorm"] = {
+        "recomputed_on": "train",
+        "images": len(idx),
+        "batch_size": batch_size,
+        "seed": seed,
+        "from": model.as_posix(),
+    }
+    save_pretrained(
+        out,
+        copy.deepcopy(gen).to(dtype),
+        architecture=info.architecture,
+        name=out.name,
+        alignment_template=info.alignment_template,
+        edit_gain=1.0,
+        metrics={},
+        training=training,
+        extra=doc.get("extra") or {},
+    )
+    if (Path(cache_dir) / "meta.json").is_file():
+        write_release_samples(gen.eval(), cache_dir, out / SAMPLES_FILE, 6)
+        write_release_samples(gen, cache_dir, out / COMBINED_SAMPLES_FILE, 6, combined=True)
+    write_card(out)
+    log.info("%s: BatchNorm statistics re-estimated on %d batches (%d training faces) -> %s", model, n, len(idx), out)
+    return out

@@ -14,6 +14,7 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from models.config import config_to_dict
 from models.generators import convert_upsampling, grow_state_dict, widen_state_dict
 from models.precision import autocast, describe_cpu_bf16, resolve_precision
 from training import distributed, losses
+from training.batchnorm import Batch, batchnorm_layers, recompute_batchnorm
 from training.checkpoints import load_networks, load_optimizers, read_training_checkpoint, write_training_checkpoint
 from training.config import TrainConfig
 from training.data import CachedFaces, DatasetError, StepSampler, sample_targets, step_generator
@@ -140,19 +142,44 @@ class Trainer:
         x = x.to(self.device).contiguous(memory_format=self.memory_format)
         return x, c.to(self.device), c_trg[mine].to(self.device)
 
+    def _conditions(
+        self, c_src: torch.Tensor, c_trg: torch.Tensor, gen: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The generator's conditions for the edit (difference scaled by U(1, diff_scale_max)) and for
+        the reconstruction (zero difference)."""
+        mode = self.G.config.conditioning
+        scale: float | torch.Tensor = 1.0
+        if self.cfg.diff_scale_max > 1.0:  # drawn after everything else, so older recipes keep their randomness
+            u = torch.rand(c_src.shape[0], 1, generator=gen).to(self.device)
+            scale = 1.0 + (self.cfg.diff_scale_max - 1.0) * u
+        cond = condition_vector(c_src, c_trg - c_src, mode, scale)
+        cond_rec = condition_vector(c_src, torch.zeros_like(c_src), mode)
+        return cond, cond_rec
+
+    def recompute_ema_batchnorm(self) -> int:
+        """Re-estimate G_ema's BatchNorm statistics from its own activations on ``ema_bn_batches``
+        training batches drawn as training steps draw them (:mod:`training.batchnorm`). Every rank
+        runs it on its slice (SyncBatchNorm averages across ranks). Returns the batches used."""
+        n = self.cfg.ema_bn_batches
+        if n <= 0 or not batchnorm_layers(self.G_ema):
+            return 0
+
+        def batches() -> Iterator[Batch]:
+            for i in range(n):
+                gen = step_generator(self.cfg.seed, self.step, salt=1_000 + i)
+                x_real, c_src, c_trg = self._batch(self.step + i, gen)
+                yield (x_real, *self._conditions(c_src, c_trg, gen))
+
+        with torch.no_grad(), self._autocast():
+            return recompute_batchnorm(self.G_ema, batches())
+
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict[str, float]:
         cfg, step = self.cfg, self.step
         self._set_lr()
         gen = step_generator(cfg.seed, step)
         x_real, c_src, c_trg = self._batch(step, gen)
-        mode = self.G.config.conditioning
-        scale: float | torch.Tensor = 1.0
-        if cfg.diff_scale_max > 1.0:  # drawn after everything else, so older recipes keep their randomness
-            u = torch.rand(c_src.shape[0], 1, generator=gen).to(self.device)
-            scale = 1.0 + (cfg.diff_scale_max - 1.0) * u
-        cond = condition_vector(c_src, c_trg - c_src, mode, scale)
-        cond_rec = condition_vector(c_src, torch.zeros_like(c_src), mode)
+        cond, cond_rec = self._conditions(c_src, c_trg, gen)
         logs: dict[str, float] = {}
 
         # ---- the generator runs once: D learns from its edit detached, G's loss reads the same pass
@@ -216,7 +243,10 @@ class Trainer:
         for p_ema, p in zip(self.G_ema.parameters(), self.G.parameters(), strict=True):
             p_ema.lerp_(p, 1 - decay)
         for b_ema, b in zip(self.G_ema.buffers(), self.G.buffers(), strict=True):
-            b_ema.copy_(b)
+            if self.cfg.ema_bn_batches > 0 and b.is_floating_point():
+                b_ema.lerp_(b, 1 - decay)  # statistics re-estimated at validation drift as the weights do
+            else:
+                b_ema.copy_(b)
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_path(self, name: str = "last") -> Path:
@@ -459,8 +489,10 @@ class Trainer:
                         self.writer.add_scalar(f"train/{k}", v, self.step)
             if self.step % cfg.sample_every == 0:
                 self.write_samples()
-            if self.step % cfg.eval_every == 0 and self.is_main:
-                self._validate_and_select()
+            if self.step % cfg.eval_every == 0:
+                self.recompute_ema_batchnorm()  # on every rank: SyncBatchNorm under torchrun
+                if self.is_main:
+                    self._validate_and_select()
             if time.monotonic() - last_ckpt > cfg.checkpoint_every_minutes * 60:
                 self.save_checkpoint()
                 last_ckpt = time.monotonic()
