@@ -127,3 +127,13 @@ def test_align_reads_only_the_pixels_it_needs_and_gives_the_whole_photo_result(
         whole = torch.nn.functional.avg_pool2d(whole, factor)
     expected = (whole / 127.5 - 1.0).clamp(-1, 1)
     torch.testing.assert_close(crop, expected, atol=1e-3, rtol=0)  # float32 grid vs float64 coordinates
+
+
+@pytest.mark.parametrize("h, w", [(1, 1), (7, 13), (128, 96)])
+def test_affine_grid_equals_torchs(h: int, w: int) -> None:
+    from server.faces import affine_grid
+
+    g = torch.Generator().manual_seed(h * w)
+    theta = torch.randn(1, 2, 3, generator=g)
+    expected = torch.nn.functional.affine_grid(theta, [1, 4, h, w], align_corners=False)
+    torch.testing.assert_close(affine_grid(theta, h, w), expected, atol=1e-5, rtol=1e-5)
