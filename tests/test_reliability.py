@@ -273,7 +273,7 @@ def test_export_notify_reloads_a_live_server(tmp_path: Path, prepared_cache: Pat
         import httpx
 
         def steps() -> object:
-            models = httpx.get(url + "/v1/models").json()["models"]
+            models = httpx.get(url + "/v1/models", timeout=30).json()["models"]  # a loaded CI machine is slow
             return next(m for m in models if m["name"] == "stgan")["training"].get("steps")
 
         assert steps() is None  # the tiny model made by the test has no training record
