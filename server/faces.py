@@ -222,8 +222,8 @@ def _region_theta(alignment: Alignment, x0: int, y0: int, w: int, h: int) -> tor
 
 def affine_grid(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """``F.affine_grid(theta, [1, C, h, w], align_corners=False)`` for one (1, 2, 3) float32 theta,
-    built from two broadcast adds per coordinate instead of a (h*w, 3) x (3, 2) matrix product:
-    about 3x faster for the megapixel regions a paste-back covers."""
+    built from two broadcast adds per coordinate instead of a (h*w, 3) x (3, 2) matrix product
+    (a 1238 x 1237 grid: 78 -> 15 ms on one EPYC core, a one-off timing under load)."""
     t = theta[0].float()
     xs = torch.arange(w, dtype=torch.float32).mul_(2.0 / w).add_(1.0 / w - 1.0)
     ys = torch.arange(h, dtype=torch.float32).mul_(2.0 / h).add_(1.0 / h - 1.0)

@@ -236,7 +236,7 @@ def choose_precision(served: ServedGenerator, precision: str, tolerance: float) 
 
 
 LAYOUTS: dict[str, torch.memory_format] = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
-# (architecture config, device, precision, threads) -> the layout the trial chose: a hot reload of
+# (architecture config, device, threads) -> the layout the fp32 trial chose: a hot reload of
 # the same architecture reuses it instead of timing decodes again while clients are being served.
 _LAYOUT_DECISIONS: dict[str, tuple[str, dict[str, float]]] = {}
 
@@ -279,9 +279,9 @@ def choose_layout(
 ) -> None:
     """Memory layout of the served network: ``channels_last`` or ``contiguous`` (NCHW) when asked;
     ``auto``: channels_last on CUDA and under bf16 (the layout oneDNN's bf16 kernels want), and on a
-    CPU in fp32 the faster of the two in a timing trial. Neither wins everywhere: on an AMD EPYC
-    without bf16 units STGAN's decoder was 13 % faster in NCHW and MU-GAN's 15 % faster in
-    channels_last (bench/slider.py)."""
+    CPU in fp32 the faster of the two in a timing trial. Neither wins everywhere, nor for good: on an
+    AMD EPYC without bf16 units MU-GAN's decoder was faster in channels_last, STGAN's 13 % faster in
+    NCHW one day and 7 % slower the next (bench/slider.py)."""
     if layout != "auto":
         set_layout(served, layout)
         return
@@ -289,7 +289,7 @@ def choose_layout(
         set_layout(served, "channels_last")
         return
     key = json.dumps(
-        [served.info.architecture, served.info.config, str(served.device), served.precision, torch.get_num_threads()],
+        [served.info.architecture, served.info.config, str(served.device), torch.get_num_threads()],
         sort_keys=True,
         default=str,
     )

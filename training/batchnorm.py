@@ -12,7 +12,6 @@ encode / decode calls (an edit and a reconstruction per batch, as in a training 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 
 import torch
@@ -20,8 +19,6 @@ from torch import nn
 
 from models.attributes import condition_vector
 from models.generators import AttributeGenerator
-
-log = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # x_real, cond (the edit), cond_rec (zero difference)
 
