@@ -146,6 +146,12 @@ def is_jpeg(data: bytes | None) -> bool:
 
 
 def encode_jpeg(arr: np.ndarray, quality: int = 90) -> bytes:
+    """Baseline JPEG of an (H, W, 3) or (H, W) uint8 array, 4:2:0 for colour. imagecodecs' libjpeg-turbo
+    call writes the same bytes as Pillow's default save, and releases the GIL for the whole encode, so the
+    edited photo and its overlay really encode on two cores (``bench/encode.py``); Pillow is the fallback."""
+    codecs = _imagecodecs()
+    if codecs is not None:
+        return bytes(codecs.jpeg8_encode(np.ascontiguousarray(arr), level=quality))
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()

@@ -24,13 +24,12 @@ from server.compute import ComputePool
 from server.edits import difference_vector, parse_edits, select_faces
 from server.errors import InvalidRequestError, NoFaceFoundError, PhotoNotCachedError, UnavailableError
 from server.faces import (
-    Box,
     FaceDetector,
     align_face,
     compose,
+    compose_with_overlay,
     crop_footprint,
     paste_region,
-    regions_box,
     tint_overlay,
 )
 from server.imaging import b64_png, decode_upload, encode_png, is_jpeg
@@ -224,18 +223,19 @@ class EditService:
             if not any(edits.values()):
                 delta = torch.zeros_like(delta)
             deltas.append(delta)
-        box = None
         if request.aligned:
             image, full_mask = self._compose_aligned(state.photo, deltas, mask)
+            overlay = tint_overlay(image, full_mask) if request.overlay else image
         else:
             regions = []
             for k, i in enumerate(selected):
                 region = paste_region(state.photo.shape, state.faces[i].alignment, deltas[k][0], mask[k, 0])  # type: ignore[arg-type]
                 if region is not None:
                     regions.append(region)
-            image, full_mask = compose(state.photo, regions)
-            box = regions_box(regions) or Box(0, 0, 0, 0)
-        overlay = tint_overlay(image, full_mask, box=box) if request.overlay else image
+            if request.overlay:
+                image, overlay = compose_with_overlay(state.photo, regions)
+            else:
+                image = overlay = compose(state.photo, regions)[0]
         timer.lap("compose")
         faces = [self._face_edit(i, state, out[k], mask[k, 0], request.crops) for k, i in enumerate(selected)]
         timer.lap("crops_png")

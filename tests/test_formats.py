@@ -101,3 +101,18 @@ def test_png_answers_are_lossless_with_the_fast_encoder(shape: tuple[int, ...]) 
     png = encode_png(arr)
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), arr)
+
+
+@pytest.mark.parametrize(("shape", "quality"), [((37, 53, 3), 95), ((64, 48, 3), 90), ((37, 53), 95)])
+def test_jpeg_answers_are_the_bytes_pillow_writes(shape: tuple[int, ...], quality: int) -> None:
+    """The fast encoder (imagecodecs' libjpeg-turbo) is a drop-in for Pillow's default save: same quality,
+    same 4:2:0 subsampling, same file."""
+    from server.imaging import _imagecodecs, encode_jpeg
+
+    assert _imagecodecs() is not None
+    arr = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
+    # a strided view, as the server's crops and regions are
+    arr = np.repeat(arr, 2, axis=1)[:, ::2]
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="JPEG", quality=quality)
+    assert encode_jpeg(arr, quality) == buf.getvalue()

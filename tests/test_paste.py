@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from server.faces import Alignment, compose, paste_region, similarity_transform, tint_overlay
+from server.faces import Alignment, compose, compose_with_overlay, paste_region, similarity_transform, tint_overlay
 
 SIZE = 64
 
@@ -137,3 +137,29 @@ def test_affine_grid_equals_torchs(h: int, w: int) -> None:
     theta = torch.randn(1, 2, 3, generator=g)
     expected = torch.nn.functional.affine_grid(theta, [1, 4, h, w], align_corners=False)
     torch.testing.assert_close(affine_grid(theta, h, w), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_compose_with_overlay_equals_compose_then_tint() -> None:
+    """The one-pass paste + tint gives the pixels of ``compose`` followed by ``tint_overlay``, with two
+    overlapping faces (the combined mask is their maximum) and nothing outside their box touched."""
+    photo = _photo()
+    a1 = _alignment()
+    shifted = a1.matrix @ np.array([[1.0, 0, -60], [0, 1, -40], [0, 0, 1]])  # the same face 60 px right, 40 down
+    a2 = Alignment(shifted, SIZE)
+    rng = torch.Generator().manual_seed(0)
+    regions = []
+    for alignment in (a1, a2):
+        delta = torch.rand(3, SIZE, SIZE, generator=rng) * 0.6 - 0.3
+        mask = torch.rand(SIZE, SIZE, generator=rng)
+        region = paste_region(photo.shape, alignment, delta, mask)
+        assert region is not None
+        regions.append(region)
+    assert regions[0].box.union(regions[1].box).area < regions[0].box.area + regions[1].box.area  # they overlap
+    image, mask = compose(photo, regions)
+    edited, overlay = compose_with_overlay(photo, regions, colour=(10, 200, 30), alpha=0.7)
+    np.testing.assert_array_equal(edited, image)
+    np.testing.assert_array_equal(overlay, tint_overlay(image, mask, colour=(10, 200, 30), alpha=0.7))
+    assert (overlay != edited).any() and (edited != photo).any()
+    empty_edit, empty_overlay = compose_with_overlay(photo, [])
+    np.testing.assert_array_equal(empty_edit, photo)
+    np.testing.assert_array_equal(empty_overlay, photo)
