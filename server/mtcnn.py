@@ -24,12 +24,17 @@ from facenet_pytorch.models.utils.detect_face import (
 )
 
 
-def summed_area_table(image: torch.Tensor) -> torch.Tensor:
-    """(C, H + 1, W + 1) float64 table whose entry (c, y, x) is the sum of ``image[c, :y, :x]``."""
-    c, h, w = image.shape
-    table = torch.zeros(c, h + 1, w + 1, dtype=torch.float64, device=image.device)
-    table[:, 1:, 1:] = image.double().cumsum(1).cumsum(2)
-    return table
+def summed_area_table(image: np.ndarray) -> torch.Tensor:
+    """(H + 1, W + 1, C) integer table of an (H, W, C) uint8 image: entry (y, x) is the sum of
+    ``image[:y, :x]`` (exact; int32 while it cannot overflow). Built in numpy in the image's own layout:
+    a cumulative sum over a transposed view costs twice as much."""
+    h, w, c = image.shape
+    dtype = np.int32 if h * w * 255 < 2**31 else np.int64
+    table = np.zeros((h + 1, w + 1, c), dtype)
+    table[1:, 1:] = image
+    np.cumsum(table, axis=0, out=table)
+    np.cumsum(table, axis=1, out=table)
+    return torch.from_numpy(table)
 
 
 def _windows(start: torch.Tensor, length: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,16 +57,16 @@ def area_crops(
     """
     rs, re = _windows(y0, y1 - y0, size)  # (N, size)
     cs, ce = _windows(x0, x1 - x0, size)
-    c, _, wt = table.shape
-    flat = table.reshape(c, -1)
+    _, wt, c = table.shape
+    flat = table.reshape(-1, c)
 
-    def at(r: torch.Tensor, col: torch.Tensor) -> torch.Tensor:  # (N, size, 1) x (N, 1, size) -> (C, N, size, size)
+    def at(r: torch.Tensor, col: torch.Tensor) -> torch.Tensor:  # (N, size, 1) x (N, 1, size) -> (N, size, size, C)
         idx = (r.unsqueeze(2) * wt + col.unsqueeze(1)).reshape(-1)
-        return flat[:, idx].reshape(c, len(r), size, size)
+        return flat[idx].reshape(len(r), size, size, c)
 
-    sums = at(re, ce) - at(rs, ce) - at(re, cs) + at(rs, cs)
-    area = ((re - rs).unsqueeze(2) * (ce - cs).unsqueeze(1)).double()
-    return (sums / area).permute(1, 0, 2, 3).float()
+    sums = at(re, ce) - at(rs, ce) - at(re, cs) + at(rs, cs)  # exact integers
+    area = ((re - rs).unsqueeze(2) * (ce - cs).unsqueeze(1)).unsqueeze(3)
+    return (sums.double() / area).float().permute(0, 3, 1, 2)
 
 
 def _crops(table: torch.Tensor, boxes: torch.Tensor, w: int, h: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,7 +134,7 @@ def detect_faces(
         1,
     )
     boxes = rerec(boxes)
-    table = summed_area_table(img[0])
+    table = summed_area_table(image).to(device)
 
     # second stage: R-Net on every candidate's 24-px crop
     crops, valid = _crops(table, boxes, w, h, 24)

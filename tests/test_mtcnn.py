@@ -37,7 +37,7 @@ def test_area_crops_equal_interpolate_area_crop_by_crop(size: int) -> None:
     ]
     boxes = [(y0, y1, x0, x1) for y0, y1, x0, x1 in boxes if y1 > y0 and x1 > x0]
     y0, y1, x0, x1 = (torch.tensor(v) for v in zip(*boxes, strict=True))
-    ours = area_crops(summed_area_table(image), y0, y1, x0, x1, size)
+    ours = area_crops(summed_area_table(image.permute(1, 2, 0).to(torch.uint8).numpy()), y0, y1, x0, x1, size)
     reference = torch.cat([F.interpolate(image[None, :, a:b, c:d], (size, size), mode="area") for a, b, c, d in boxes])
     assert ours.shape == (len(boxes), 3, size, size)
     torch.testing.assert_close(ours, reference, atol=1e-3, rtol=0)
