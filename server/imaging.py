@@ -78,17 +78,46 @@ def decode_upload(data: bytes, max_pixels: int, content_type: str | None = None)
     return np.asarray(rgb, dtype=np.uint8).copy()
 
 
+#: Images at least this large are colour-converted in two strips on two threads.
+SPLIT_CONVERSION_PIXELS = 1_000_000
+
+
+@functools.lru_cache(maxsize=8)
+def _to_srgb_transform(icc_profile: bytes) -> Any:
+    """LittleCMS transform from an embedded profile to sRGB (perceptual intent, as ``profileToProfile``),
+    built once per distinct profile (phones embed the same few)."""
+    from PIL import ImageCms
+
+    source = ImageCms.ImageCmsProfile(io.BytesIO(icc_profile))
+    # without LittleCMS's one-pixel cache a transform holds no state between calls: shared across threads
+    return ImageCms.buildTransform(source, ImageCms.createProfile("sRGB"), "RGB", "RGB", flags=ImageCms.Flags.NOCACHE)
+
+
 def to_srgb(rgb: Image.Image, icc_profile: bytes | None) -> Image.Image:
     """An RGB image with an embedded colour profile (Display P3 from phones, Adobe RGB from cameras)
-    converted to sRGB, which the models were trained on; without a profile it is taken as sRGB."""
+    converted to sRGB, which the models were trained on; without a profile it is taken as sRGB.
+
+    LittleCMS converts pixel by pixel and releases the GIL, so a large photo is converted as two strips on
+    the encoding threads (portrait-3, Adobe RGB, 1638 x 2048: 167 -> 131 ms on the EPYC, one-off timing).
+    """
     if not icc_profile:
         return rgb
     try:
         from PIL import ImageCms
-
-        source = ImageCms.ImageCmsProfile(io.BytesIO(icc_profile))
-        return ImageCms.profileToProfile(rgb, source, ImageCms.createProfile("sRGB"), outputMode="RGB") or rgb
-    except (OSError, ValueError, ImportError):  # a broken profile: keep the pixels as they are
+    except ImportError:  # pragma: no cover - Pillow's wheels include LittleCMS
+        return rgb
+    try:
+        transform = _to_srgb_transform(icc_profile)
+        w, h = rgb.size
+        if w * h < SPLIT_CONVERSION_PIXELS or h < 2:
+            return ImageCms.applyTransform(rgb, transform) or rgb
+        boxes = [(0, 0, w, h // 2), (0, h // 2, w, h)]
+        parts = list(_encoders().map(lambda box: ImageCms.applyTransform(rgb.crop(box), transform), boxes))
+        out = Image.new("RGB", (w, h))
+        for box, part in zip(boxes, parts, strict=True):
+            out.paste(part, box[:2])
+        return out
+    except (OSError, ValueError, ImageCms.PyCMSError):  # a broken profile: keep the pixels
         return rgb
 
 

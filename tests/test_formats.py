@@ -116,3 +116,33 @@ def test_jpeg_answers_are_the_bytes_pillow_writes(shape: tuple[int, ...], qualit
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="JPEG", quality=quality)
     assert encode_jpeg(arr, quality) == buf.getvalue()
+
+
+def _adobe_rgb_profile() -> bytes:
+    """The Adobe RGB (1998) profile embedded in a shared camera photo."""
+    with Image.open(Path(__file__).resolve().parents[2] / "shared" / "photos" / "portrait-3.jpg") as im:
+        return im.info["icc_profile"]
+
+
+@pytest.mark.parametrize("size", [(300, 200), (1100, 1000)])  # whole, and in two strips on two threads
+def test_embedded_colour_profiles_are_converted_to_srgb(size: tuple[int, int]) -> None:
+    from PIL import ImageCms
+
+    from server.imaging import decode_upload
+
+    icc = _adobe_rgb_profile()
+    pixels = np.random.default_rng(2).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", icc_profile=icc)  # lossless: the decoded pixels are these
+    got = decode_upload(buf.getvalue(), max_pixels=10**8)
+    source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+    want = ImageCms.profileToProfile(Image.fromarray(pixels), source, ImageCms.createProfile("sRGB"), outputMode="RGB")
+    np.testing.assert_array_equal(got, np.asarray(want))
+    assert np.abs(got.astype(int) - pixels).mean() > 1  # Adobe RGB is not sRGB: the pixels did change
+
+
+def test_a_broken_colour_profile_keeps_the_pixels() -> None:
+    from server.imaging import to_srgb
+
+    pixels = np.random.default_rng(3).integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(np.asarray(to_srgb(Image.fromarray(pixels), b"not a profile" * 20)), pixels)
