@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench import encode, memory, photo_http, slider, startup, throughput, train_step
+from bench import detect, encode, memory, photo_http, slider, startup, throughput, train_step
 from bench.common import machine_kind
 
 
@@ -31,6 +31,7 @@ def benchmarks(weights: Path, quick: bool) -> dict[str, Callable[[], str]]:
         "memory": lambda: memory.run(weights, 20 if q else 200),
         "startup": lambda: startup.run(weights, 8, 8.0 if q else 20.0),
         "encode": lambda: encode.run(3 if q else 10),
+        "detect": lambda: detect.run(3 if q else 12),
     }
 
 

@@ -98,7 +98,8 @@ def to_srgb(rgb: Image.Image, icc_profile: bytes | None) -> Image.Image:
     converted to sRGB, which the models were trained on; without a profile it is taken as sRGB.
 
     LittleCMS converts pixel by pixel and releases the GIL, so a large photo is converted as two strips on
-    the encoding threads (portrait-3, Adobe RGB, 1638 x 2048: 167 -> 131 ms on the EPYC, one-off timing).
+    the encoding threads (with the cached transform: portrait-3, Adobe RGB, 1638 x 2048, 167 -> 89 ms on the
+    EPYC, ``bench/detect.py``).
     """
     if not icc_profile:
         return rgb

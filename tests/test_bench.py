@@ -21,7 +21,7 @@ def test_the_new_rows_run_with_only() -> None:
 
     from bench.run_all import benchmarks
 
-    assert {"startup", "slider", "photo_http", "train_step"} <= set(benchmarks(Path("weights"), quick=True))
+    assert {"startup", "slider", "photo_http", "train_step", "detect"} <= set(benchmarks(Path("weights"), quick=True))
 
 
 def test_each_kind_of_machine_keeps_its_own_sections() -> None:
