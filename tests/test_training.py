@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -390,7 +391,6 @@ def test_flip_weights_make_a_rare_edit_the_flipped_one_more_often() -> None:
 
 
 def test_a_generator_with_more_injection_layers_starts_from_its_parent_with_the_same_outputs() -> None:
-    import dataclasses
 
     from models.generators import widen_state_dict
     from models.registry import build, get_preset
@@ -540,3 +540,89 @@ def test_validation_sees_the_ema_generator_with_its_own_batchnorm_statistics(
     off.train_step()
     assert off.recompute_ema_batchnorm() == 0
     torch.testing.assert_close(batchnorm_layers(off.G_ema)[0].running_mean, batchnorm_layers(off.G)[0].running_mean)
+
+
+def test_fake_attribute_loss_pushes_only_the_changed_attributes_towards_the_source() -> None:
+    from training.losses import fake_attribute_bce
+
+    logits = torch.randn(4, 5, requires_grad=True)
+    c_src = torch.tensor([[0, 1, 0, 0, 1], [1, 0, 0, 1, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]]).float()
+    c_trg = c_src.clone()
+    c_trg[0, 0], c_trg[1, 3], c_trg[3, 4] = 1, 0, 0  # three edits; sample 2 changes nothing
+    loss, logs = fake_attribute_bce(logits, c_trg, c_src)
+    changed = c_trg != c_src
+    want = torch.nn.functional.binary_cross_entropy_with_logits(logits[changed], c_src[changed])
+    torch.testing.assert_close(loss, want)
+    assert logs["d_cls_fake"] == pytest.approx(want.item())
+    loss.backward()
+    assert logits.grad is not None
+    assert (logits.grad[~changed] == 0).all()
+    # towards the source: down where the source is 0 (the edit added the attribute), up where it is 1
+    assert logits.grad[0, 0] > 0 and logits.grad[1, 3] < 0 and logits.grad[3, 4] < 0
+    zero, _ = fake_attribute_bce(logits, c_src, c_src)
+    assert zero.item() == 0.0
+
+
+def test_discriminator_loss_adds_the_fake_classification_term_only_when_asked(
+    prepared_cache: Path, tmp_path: Path
+) -> None:
+    from training import losses
+
+    cfg = tiny_config(prepared_cache, tmp_path)
+    trainer = Trainer(cfg, tmp_path / "run")
+    x_real, c_src, c_trg = trainer._batch(0, torch.Generator().manual_seed(0))
+    x_fake = torch.rand_like(x_real) * 2 - 1
+
+    def d_loss(config: TrainConfig, **kw: torch.Tensor) -> tuple[float, dict[str, float]]:
+        loss, logs = losses.discriminator_loss(
+            trainer.D,
+            x_real,
+            x_fake,
+            c_src,
+            config,
+            label_frequency=trainer.label_frequency,
+            use_r1=False,
+            rng=torch.Generator().manual_seed(1),
+            autocast=trainer._autocast,
+            **kw,
+        )
+        return loss.item(), logs
+
+    base, logs = d_loss(cfg, c_trg=c_trg)
+    assert "d_cls_fake" not in logs
+    with_fake = dataclasses.replace(cfg, lambda_d_cls_fake=2.0)
+    total, logs = d_loss(with_fake, c_trg=c_trg)
+    assert (c_trg != c_src).any() and logs["d_cls_fake"] > 0
+    assert total == pytest.approx(base + 2.0 * logs["d_cls_fake"], rel=1e-5)
+    with pytest.raises(ValueError, match="c_trg"):
+        d_loss(with_fake)
+
+
+def test_validation_reports_how_often_the_discriminator_takes_an_edit_for_flipped() -> None:
+    from models.attributes import exclusive_groups_for
+    from models.registry import build, get_preset
+    from training.metrics import evaluate_generator, flip_targets
+
+    arch, g_cfg = get_preset("stgan-tiny")
+    generator = build(arch, g_cfg)
+    attributes = tuple(g_cfg.attributes)
+
+    class AlwaysOn(torch.nn.Module):
+        """A stand-in D whose classifier says "present" for every attribute of every image."""
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return x.new_zeros(len(x)), x.new_ones(len(x), len(attributes))
+
+    torch.manual_seed(0)
+    images = torch.rand(6, 3, g_cfg.image_size, g_cfg.image_size) * 2 - 1
+    labels = (torch.rand(6, len(attributes)) > 0.5).float()
+    d = AlwaysOn().train()
+    out = evaluate_generator(generator, images, labels, attributes, discriminator=d, batch_size=4)
+    assert d.training  # left as it was found
+    # "always present" is right exactly for the edits that turn an attribute on, i.e. where it was off
+    groups = exclusive_groups_for(list(attributes))
+    for i, a in enumerate(attributes):
+        want = (flip_targets(labels, i, groups)[:, i] == 1).float().mean().item()
+        assert out["d_edit_success"][a] == pytest.approx(want)
+    assert out["mean_d_edit_success"] == pytest.approx(np.mean(list(out["d_edit_success"].values())))
+    assert "d_edit_success" not in evaluate_generator(generator, images, labels, attributes, batch_size=4)

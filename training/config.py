@@ -51,6 +51,13 @@ class TrainConfig:
     #: mean over all attributes hides an edit that did not happen behind the ones kept.
     lambda_g_cls_changed: float = 0.0
     lambda_d_cls: float = 1.0
+    #: BCE of D's classifier on the (detached) edits towards their *source* value, over only the
+    #: attributes each edit changes. D's classifier otherwise learns from real faces alone, so off the
+    #: face manifold its verdict is arbitrary and G can satisfy it with a pattern instead of the
+    #: attribute (stgan-v2 at step 13500: D took 99-100 % of its Bald, Eyeglasses and Mustache edits
+    #: for flipped, the independent classifier 4-7 %). With this term an edit only counts for D once
+    #: it looks like real faces with the attribute. 0 turns it off (AttGAN/STGAN).
+    lambda_d_cls_fake: float = 0.0
     #: Class-balanced BCE for D's classifier on real faces: positives weigh 0.5/p and negatives
     #: 0.5/(1-p) (p: the attribute's training frequency), capped at this; 1 turns it off. Rare labels
     #: (Bald 2 %, Mustache 6 %) are otherwise all but ignored by D's classifier, which G is judged by.

@@ -64,6 +64,16 @@ def changed_attribute_bce(logits: torch.Tensor, c_trg: torch.Tensor, c_src: torc
     return loss, {"g_cls_changed": loss.item()}
 
 
+def fake_attribute_bce(logits: torch.Tensor, c_trg: torch.Tensor, c_src: torch.Tensor) -> tuple[torch.Tensor, Logs]:
+    """D's classifier on edits: BCE towards the *source* value over only the attributes each edit
+    changes (mean over those terms; 0 when nothing changes), so an edit is not taken for the attribute
+    until it looks like real faces that have it."""
+    changed = (c_trg != c_src).float()
+    terms = F.binary_cross_entropy_with_logits(logits.float(), c_src.float(), reduction="none") * changed
+    loss = terms.sum() / changed.sum().clamp_min(1.0)
+    return loss, {"d_cls_fake": loss.item()}
+
+
 def reconstruction_l1(x_rec: torch.Tensor, x_real: torch.Tensor) -> tuple[torch.Tensor, Logs]:
     loss = (x_rec.float() - x_real.float()).abs().mean()
     return loss, {"g_rec": loss.item()}
@@ -154,15 +164,17 @@ def discriminator_loss(
     use_r1: bool,
     rng: torch.Generator,
     autocast: Callable[[], AbstractContextManager[Any]],
+    c_trg: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Logs]:
     """D's loss on a real batch and a (detached) fake one: adversarial, attribute classification of the
-    real faces (class-balanced when ``cfg.d_cls_balance_max > 1``), and the gradient penalty (WGAN-GP)
-    or lazy R1 (``use_r1``: this step is an R1 step)."""
+    real faces (class-balanced when ``cfg.d_cls_balance_max > 1``), with ``cfg.lambda_d_cls_fake`` the
+    edits' changed attributes classified as their source (needs ``c_trg``, the edits' targets), and the
+    gradient penalty (WGAN-GP) or lazy R1 (``use_r1``: this step is an R1 step)."""
     logs: Logs = {}
     x_in = x_real.detach().requires_grad_(use_r1)
     with autocast():
         real_adv, real_cls = discriminator(x_in)
-        fake_adv, _ = discriminator(x_fake)
+        fake_adv, fake_cls = discriminator(x_fake)
     d_adv, lg = d_adversarial(real_adv, fake_adv, cfg.gan_loss)
     logs |= lg
     weight = (
@@ -171,6 +183,12 @@ def discriminator_loss(
     d_cls, lg = attribute_bce(real_cls, c_src, "d_cls", weight)
     logs |= lg
     d_loss = d_adv + cfg.lambda_d_cls * d_cls
+    if cfg.lambda_d_cls_fake > 0:
+        if c_trg is None:
+            raise ValueError("lambda_d_cls_fake needs the edits' targets (c_trg)")
+        d_cls_fake, lg = fake_attribute_bce(fake_cls, c_trg, c_src)
+        logs |= lg
+        d_loss = d_loss + cfg.lambda_d_cls_fake * d_cls_fake
     if cfg.gan_loss == "wgan":
 
         def critic(x: torch.Tensor) -> torch.Tensor:

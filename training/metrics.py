@@ -57,16 +57,23 @@ def evaluate_generator(
     amp: bool = False,
     progress: bool = False,
     gain: float = 1.0,
+    discriminator: nn.Module | None = None,
 ) -> dict:
     """Metrics on ``images`` (N, 3, H, W in [-1, 1]) with ground-truth ``labels`` (N, n_attrs in {0,1}).
 
     Each attribute is flipped with a difference of ±1 scaled by the edit ``gain`` (what the served
-    model does at a slider's end); reconstruction uses a zero difference.
+    model does at a slider's end); reconstruction uses a zero difference. With the run's
+    ``discriminator`` (its classifier head over ``attributes``), ``d_edit_success`` is the share of the
+    same edits D's classifier takes for flipped: far above ``edit_success``, the generator satisfies D
+    with something the independent classifier does not accept as the attribute.
     """
     from tqdm import tqdm
 
     device = torch.device(device)
     generator.eval()
+    d_was_training = discriminator is not None and discriminator.training
+    if discriminator is not None:
+        discriminator.eval()  # a BatchNorm D must not learn statistics from the validation edits
     mode = generator.config.conditioning
     groups = exclusive_groups_for(list(attributes))
     n_attr = len(attributes)
@@ -76,6 +83,7 @@ def evaluate_generator(
     psnrs_raw: list[float] = []
     ssims_raw: list[float] = []
     success = np.zeros(n_attr)
+    d_success = np.zeros(n_attr)
     preserved = np.zeros(n_attr)
     preserved_count = np.zeros(n_attr)
     mask_means = np.zeros(n_attr)
@@ -110,6 +118,10 @@ def evaluate_generator(
             with autocast:
                 x_edit, mask = generator.decode(encoded, condition_vector(c_src, c_trg - c_src, mode, gain))
             mask_means[i] += mask.float().mean(dim=(1, 2, 3)).sum().item()
+            if discriminator is not None:
+                with autocast:
+                    d_logits = discriminator(x_edit)[1]
+                d_success[i] += ((d_logits.float()[:, i] > 0).float() == c_trg[:, i]).float().sum().item()
             if pred_src is None:
                 continue
             pred = classify(x_edit.float())
@@ -127,6 +139,10 @@ def evaluate_generator(
         "ssim_raw": float(np.mean(ssims_raw)),
         "mask_mean": {a: mask_means[i] / n_total for i, a in enumerate(attributes)},
     }
+    if discriminator is not None:
+        discriminator.train(d_was_training)
+        out["d_edit_success"] = {a: d_success[i] / n_total for i, a in enumerate(attributes)}
+        out["mean_d_edit_success"] = float(np.mean(d_success / n_total))
     if classifier is not None:
         out["edit_success"] = {a: success[i] / n_total for i, a in enumerate(attributes)}
         out["preservation"] = {a: preserved[i] / max(preserved_count[i], 1) for i, a in enumerate(attributes)}
