@@ -189,6 +189,7 @@ def test_classifier_evaluate_and_export(prepared_cache: Path, tmp_path: Path) ->
     trainer.fit(max_steps=2)
     val = [json.loads(line) for line in (tmp_path / "run" / "val_metrics.jsonl").read_text().splitlines()]
     assert len(val) == 1 and val[0]["step"] == 2
+    assert set(val[0]["d_edit_success"]) == set(STGAN_ATTRIBUTES)  # D's verdict on the same edits
     assert (tmp_path / "run" / "checkpoints" / "best.safetensors").is_file()
 
     meta = read_meta(prepared_cache)
@@ -227,8 +228,9 @@ def test_classifier_evaluate_and_export(prepared_cache: Path, tmp_path: Path) ->
     assert metrics["psnr"] == pytest.approx(psnr_ref, abs=0.05)
     # the mask blend b*x_edit + (1-b)*x can only move the output towards the input
     assert 0 < metrics["psnr_raw"] <= metrics["psnr"] + 0.1 and metrics["ssim_raw"] <= 1
-    for table in ("edit_success", "preservation", "mask_mean"):
+    for table in ("edit_success", "preservation", "mask_mean", "d_edit_success"):  # the release ships its D
         assert set(metrics[table]) == set(STGAN_ATTRIBUTES)
+    assert "D takes for flipped" in (out / "metrics.md").read_text()
     for v in metrics["edit_success"].values():  # a count of the test faces over their number
         assert v * metrics["n_images"] == pytest.approx(round(v * metrics["n_images"]))
     if metrics.get("realism"):  # present where the Inception weights are installed (CI installs them)

@@ -8,13 +8,15 @@ from pathlib import Path
 
 import torch
 
-from models.checkpoint import CONFIG_FILE, load_pretrained, read_config, write_config
+from models.checkpoint import CONFIG_FILE, DISCRIMINATOR_FILE, load_pretrained, read_config, read_tensors, write_config
 from models.device import pick_device
 from models.generators import AttributeGenerator
 from training.checkpoints import ema_generator_from_checkpoint
+from training.config import TrainConfig
 from training.data import CachedFaces
 from training.export import update_metrics, write_release_samples
 from training.metrics import choose_gain, evaluate_generator
+from training.networks import build_discriminator
 from training.realism import RealismConfig, RealismInputs, RealismUnavailableError, realism_inputs, realism_on_split
 from training.reports import COMBINED_SAMPLES_FILE, SAMPLES_FILE, markdown_table, write_card
 
@@ -31,6 +33,20 @@ def load_generator(model: str | Path) -> tuple[AttributeGenerator, float]:
         return gen.float(), info.edit_gain  # type: ignore[return-value]
     _, gen, _ = ema_generator_from_checkpoint(path)
     return gen, 1.0
+
+
+def load_discriminator(model: str | Path, gen: AttributeGenerator) -> torch.nn.Module | None:
+    """The discriminator a released folder ships (``discriminator.safetensors``), built from its training
+    config, or None (a training checkpoint, or a release without one)."""
+    folder = Path(model)
+    if not (folder.is_dir() and (folder / DISCRIMINATOR_FILE).is_file()):
+        return None
+    train_config = (read_config(folder).get("training") or {}).get("train_config") or {}
+    disc_preset = train_config.get("disc_preset", TrainConfig.disc_preset)
+    cfg = TrainConfig(attributes=tuple(gen.config.attributes), disc_preset=disc_preset)
+    discriminator = build_discriminator(cfg, gen.config.image_size)
+    discriminator.load_state_dict({k: v.float() for k, v in read_tensors(folder / DISCRIMINATOR_FILE).items()})
+    return discriminator.eval().to(gen_device(gen))
 
 
 def _classifier(classifier: str, device: torch.device) -> tuple[torch.nn.Module | None, tuple[str, ...]]:
@@ -68,7 +84,18 @@ def evaluate_command(
     data = CachedFaces(cache_dir, split, attributes, limit=limit)
     x, c = data.get(torch.arange(len(data)))
     metrics = evaluate_generator(
-        gen, x, c, attributes, clf, clf_attrs, batch_size=50, device=device, amp=amp, progress=True, gain=gain
+        gen,
+        x,
+        c,
+        attributes,
+        clf,
+        clf_attrs,
+        batch_size=50,
+        device=device,
+        amp=amp,
+        progress=True,
+        gain=gain,
+        discriminator=load_discriminator(model, gen),
     )
     metrics["split"] = split
     if realism_faces > 0:

@@ -113,17 +113,27 @@ def markdown_table(metrics: dict) -> str:
         ]
     if "edit_success" in metrics:
         gain = metrics.get("edit_gain", 1.0)
+        d_success = metrics.get("d_edit_success")
         lines += [
-            f"Edits flip one attribute with a difference of ±1 (a slider's end), edit gain ×{gain:g}.",
+            f"Edits flip one attribute with a difference of ±1 (a slider's end), edit gain ×{gain:g}."
+            + (
+                " *D takes for flipped*: the share of the same edits the training discriminator's classifier"
+                " accepts; far above the edit success, the generator satisfies D with something that is not"
+                " the attribute."
+                if d_success
+                else ""
+            ),
             "",
-            "| attribute | edit success | preservation | mask mean |",
-            "|---|---|---|---|",
+            "| attribute | edit success | preservation | mask mean |" + (" D takes for flipped |" if d_success else ""),
+            "|---|---|---|---|" + ("---|" if d_success else ""),
         ]
         for a, v in metrics["edit_success"].items():
-            lines.append(f"| {a} | {v:.1%} | {metrics['preservation'][a]:.1%} | {metrics['mask_mean'][a]:.3f} |")
+            row = f"| {a} | {v:.1%} | {metrics['preservation'][a]:.1%} | {metrics['mask_mean'][a]:.3f} |"
+            lines.append(row + (f" {d_success[a]:.1%} |" if d_success else ""))
         lines.append(
             f"| **mean** | **{metrics['mean_edit_success']:.1%}** | **{metrics['mean_preservation']:.1%}** | "
             f"{np.mean(list(metrics['mask_mean'].values())):.3f} |"
+            + (f" {metrics['mean_d_edit_success']:.1%} |" if d_success else "")
         )
     if metrics.get("realism"):
         lines += ["", realism_markdown(metrics["realism"])]
