@@ -109,6 +109,8 @@ def detect_faces(
         scale *= factor
         minl *= factor
 
+    if not scales:  # smaller than P-Net's 12-px window at the largest scale (e.g. a thin strip)
+        return np.zeros((0, 5), np.float32), np.zeros((0, 5, 2), np.float32)
     # first stage: P-Net over the pyramid (facenet's code path, whole-image area resizes)
     boxes_all, picks, offset = [], [], 0
     for scale in scales:

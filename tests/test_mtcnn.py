@@ -64,7 +64,8 @@ def test_detect_faces_matches_facenet(mtcnn: MTCNN, name: str) -> None:
     np.testing.assert_allclose(our_points[ours_order], points[theirs], atol=1e-2)
 
 
-def test_no_face_gives_empty_arrays(mtcnn: MTCNN) -> None:
-    flat = np.full((120, 160, 3), 128, np.uint8)
+@pytest.mark.parametrize("shape", [(120, 160, 3), (8, 640, 3)])  # no face; too thin for P-Net's window
+def test_no_face_gives_empty_arrays(mtcnn: MTCNN, shape: tuple[int, int, int]) -> None:
+    flat = np.full(shape, 128, np.uint8)
     boxes, points = detect_faces(flat, mtcnn.pnet, mtcnn.rnet, mtcnn.onet)
     assert boxes.shape == (0, 5) and points.shape == (0, 5, 2)
