@@ -94,7 +94,7 @@ def test_stu_shapes_and_gate_ranges() -> None:
     assert f_t.shape == (2, 6, 8, 8) and s_new.shape == (2, 6, 8, 8)
     r, z, _ = stu.gates(f_enc, state, c)
     for gate in (r, z):
-        assert float(gate.min()) > 0 and float(gate.max()) < 1
+        assert float(gate.detach().min()) > 0 and float(gate.detach().max()) < 1
     # f_t is a convex combination of s_hat and tanh(...): with z -> 0 it equals s_hat
     s_hat = stu.upsample(torch.cat([state, c.view(2, 4, 1, 1).expand(2, 4, 4, 4)], 1))
     torch.testing.assert_close(s_new, r * s_hat)
