@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import logging
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -67,3 +69,12 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def repeats_main(description: str | None, run: Callable[[int], str], default_repeats: int) -> None:
+    """The command line of a benchmark whose only option is ``--repeats``: run it, log its table."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--repeats", type=int, default=default_repeats)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    logging.getLogger(run.__module__).info("\n%s", run(args.repeats))

@@ -11,9 +11,7 @@ Run: ``python bench/detect.py [--repeats 12]`` (or ``bench/run_all.py --only det
 
 from __future__ import annotations
 
-import argparse
 import io
-import logging
 import statistics
 import sys
 import time
@@ -26,7 +24,7 @@ from PIL import Image, ImageCms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import PHOTOS, machine, percentile, table
+from bench.common import PHOTOS, machine, percentile, repeats_main, table
 from server.imaging import to_srgb
 from server.mtcnn import detect_faces
 
@@ -99,11 +97,7 @@ def run(repeats: int) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--repeats", type=int, default=12)
-    args = p.parse_args()
-    logging.basicConfig(level=logging.INFO)
-    logging.getLogger(__name__).info("\n%s", run(args.repeats))
+    repeats_main(__doc__, run, 12)
 
 
 if __name__ == "__main__":

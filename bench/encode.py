@@ -8,9 +8,7 @@ Run: ``python bench/encode.py [--repeats 10]`` (or ``bench/run_all.py --only enc
 
 from __future__ import annotations
 
-import argparse
 import io
-import logging
 import sys
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import PHOTOS, machine, summary, table, time_ms
+from bench.common import PHOTOS, machine, repeats_main, summary, table, time_ms
 from server.imaging import JPEG_QUALITY_FULL, b64_images, encode_jpeg, encode_png
 
 
@@ -56,11 +54,7 @@ def run(repeats: int) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--repeats", type=int, default=10)
-    args = p.parse_args()
-    logging.basicConfig(level=logging.INFO)
-    logging.getLogger(__name__).info("\n%s", run(args.repeats))
+    repeats_main(__doc__, run, 10)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,10 @@ def _crops(table: torch.Tensor, boxes: torch.Tensor, w: int, h: int, size: int) 
     return ((crops - 127.5) * 0.0078125).contiguous(memory_format=torch.channels_last), valid
 
 
+def _no_faces() -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros((0, 5), np.float32), np.zeros((0, 5, 2), np.float32)
+
+
 def _zeros(boxes: torch.Tensor) -> torch.Tensor:
     """The image index of every box for facenet's batched NMS: all from image 0."""
     return torch.zeros(len(boxes), dtype=torch.int64, device=boxes.device)
@@ -110,7 +114,7 @@ def detect_faces(
         minl *= factor
 
     if not scales:  # smaller than P-Net's 12-px window at the largest scale (e.g. a thin strip)
-        return np.zeros((0, 5), np.float32), np.zeros((0, 5, 2), np.float32)
+        return _no_faces()
     # first stage: P-Net over the pyramid (facenet's code path, whole-image area resizes)
     boxes_all, picks, offset = [], [], 0
     for scale in scales:
@@ -123,7 +127,7 @@ def detect_faces(
     boxes = torch.cat(boxes_all)[torch.cat(picks)]
     boxes = boxes[batched_nms(boxes[:, :4], boxes[:, 4], _zeros(boxes), 0.7)]
     if len(boxes) == 0:
-        return np.zeros((0, 5), np.float32), np.zeros((0, 5, 2), np.float32)
+        return _no_faces()
     regw, regh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     boxes = torch.stack(
         [
@@ -148,7 +152,7 @@ def detect_faces(
     pick = batched_nms(boxes[:, :4], boxes[:, 4], _zeros(boxes), 0.7)
     boxes = rerec(bbreg(boxes[pick], reg[pick]))
     if len(boxes) == 0:
-        return np.zeros((0, 5), np.float32), np.zeros((0, 5, 2), np.float32)
+        return _no_faces()
 
     # third stage: O-Net on the survivors' 48-px crops, landmarks and "Min" NMS
     crops, valid = _crops(table, boxes, w, h, 48)
