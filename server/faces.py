@@ -294,6 +294,15 @@ def _put(image: np.ndarray, box: Box, pixels: torch.Tensor) -> None:
     image[y0:y1, x0:x1] = pixels.to(torch.uint8).permute(1, 2, 0).numpy()
 
 
+def compose_edited(photo: np.ndarray, regions: list[PasteRegion]) -> np.ndarray:
+    """``compose``'s edited photo alone (the slider previews without an overlay): no photo-sized mask."""
+    edited = photo.copy()
+    box = regions_box(regions)
+    if box is not None:
+        _put(edited, box, _compose_box(photo, regions, box)[0])
+    return edited
+
+
 def compose(photo: np.ndarray, regions: list[PasteRegion]) -> tuple[np.ndarray, np.ndarray]:
     """Add each region's change to the photo; also return the combined mask (H, W) in [0, 1].
 

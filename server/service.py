@@ -26,7 +26,7 @@ from server.errors import InvalidRequestError, NoFaceFoundError, PhotoNotCachedE
 from server.faces import (
     FaceDetector,
     align_face,
-    compose,
+    compose_edited,
     compose_with_overlay,
     crop_footprint,
     paste_region,
@@ -235,7 +235,7 @@ class EditService:
             if request.overlay:
                 image, overlay = compose_with_overlay(state.photo, regions)
             else:
-                image = overlay = compose(state.photo, regions)[0]
+                image = overlay = compose_edited(state.photo, regions)
         timer.lap("compose")
         faces = [self._face_edit(i, state, out[k], mask[k, 0], request.crops) for k, i in enumerate(selected)]
         timer.lap("crops_png")

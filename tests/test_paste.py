@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from server.faces import Alignment, compose, compose_with_overlay, paste_region, similarity_transform, tint_overlay
+from server.faces import (
+    Alignment,
+    compose,
+    compose_edited,
+    compose_with_overlay,
+    paste_region,
+    similarity_transform,
+    tint_overlay,
+)
 
 SIZE = 64
 
@@ -158,6 +166,7 @@ def test_compose_with_overlay_equals_compose_then_tint() -> None:
     image, mask = compose(photo, regions)
     edited, overlay = compose_with_overlay(photo, regions, colour=(10, 200, 30), alpha=0.7)
     np.testing.assert_array_equal(edited, image)
+    np.testing.assert_array_equal(compose_edited(photo, regions), image)
     np.testing.assert_array_equal(overlay, tint_overlay(image, mask, colour=(10, 200, 30), alpha=0.7))
     assert (overlay != edited).any() and (edited != photo).any()
     empty_edit, empty_overlay = compose_with_overlay(photo, [])
