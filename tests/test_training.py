@@ -600,6 +600,42 @@ def test_discriminator_loss_adds_the_fake_classification_term_only_when_asked(
         d_loss(with_fake)
 
 
+def test_generator_loss_pushes_the_zero_difference_mask_shut_only_when_asked(
+    prepared_cache: Path, tmp_path: Path
+) -> None:
+    from training import losses
+
+    cfg = tiny_config(prepared_cache, tmp_path, preset="mugan-tiny")
+    trainer = Trainer(cfg, tmp_path / "run")
+    x_real, c_src, c_trg = trainer._batch(0, torch.Generator().manual_seed(0))
+    cond, cond_rec = trainer._conditions(c_src, c_trg, torch.Generator().manual_seed(1))
+    g_pass = losses.generator_pass(trainer.G, x_real, cond, cond_rec, trainer._autocast)
+    assert g_pass.mask_rec is not None
+
+    def g_loss(config: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
+        return losses.generator_loss(
+            g_pass,
+            trainer.D,
+            x_real,
+            c_src,
+            c_trg,
+            config,
+            background_weight=trainer.background_weight,
+            mask_weight_map=trainer.mask_weight_map,
+            autocast=trainer._autocast,
+        )
+
+    base, logs = g_loss(cfg)
+    assert logs["mask_rec_mean"] == pytest.approx(g_pass.mask_rec.mean().item(), rel=1e-6)
+    assert logs["mask_rec_mean"] > 0
+    total, _ = g_loss(dataclasses.replace(cfg, lambda_mask_rec=3.0))
+    assert total.item() == pytest.approx(base.item() + 3.0 * logs["mask_rec_mean"], rel=1e-5)
+    # the term's gradient reaches only the mask at zero difference, evenly, and closes it
+    grad_rec, grad_fake = torch.autograd.grad(total - base, [g_pass.mask_rec, g_pass.mask_fake], retain_graph=True)
+    assert torch.allclose(grad_rec, torch.full_like(grad_rec, 3.0 / grad_rec.numel()), rtol=1e-4)
+    assert grad_fake.abs().max() < 1e-9
+
+
 def test_validation_reports_how_often_the_discriminator_takes_an_edit_for_flipped() -> None:
     from models.attributes import exclusive_groups_for
     from models.registry import build, get_preset

@@ -277,4 +277,8 @@ def generator_loss(
         m_l1, m_tv, m_floor, lg = mask_regularisation(mask_fake, edited, cfg.mask_floor, mask_weight_map)
         logs |= lg
         g_loss = g_loss + cfg.lambda_mask_l1 * m_l1 + cfg.lambda_mask_tv * m_tv + cfg.lambda_mask_floor * m_floor
+        m_rec = mask_rec.float().mean()
+        logs["mask_rec_mean"] = m_rec.item()
+        if cfg.lambda_mask_rec > 0:
+            g_loss = g_loss + cfg.lambda_mask_rec * m_rec
     return g_loss, logs
