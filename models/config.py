@@ -58,6 +58,13 @@ class EncoderDecoderConfig(GeneratorConfig):
     stu_kernel: int = 3
     #: MU-GAN: two 3x3 conv + norm + ReLU after each skip concatenation.
     skip_conv_block: bool = False
+    #: With ``skip_conv_block``: only the first this many skip levels have the conv block (-1: all).
+    #: The skip levels after them (AUCs only) append their gated encoder feature last, after the
+    #: level's condition and self-attention, so the next layer reads it through new input channels:
+    #: a generator with more such levels warm-starts from one with fewer by zero-widening
+    #: (:func:`models.generators.widen_state_dict`). MU-GAN's paper has two skip levels (8x8, 16x16);
+    #: its decoder then rebuilds 32x32 and 64x64 detail from a 16x16 feature (decoder-only PSNR ~24 dB).
+    n_skip_conv_layers: int = -1
     #: Encoder layer indices (0 = first, highest resolution) followed by SAGAN self-attention.
     enc_attention: tuple[int, ...] = ()
     #: Decoder layer indices (0 = first, lowest resolution) followed by self-attention.
@@ -76,6 +83,10 @@ class EncoderDecoderConfig(GeneratorConfig):
             raise ValueError(f"image_size {self.image_size} is not divisible by 2**n_layers ({2**self.n_layers})")
         if not 0 <= self.n_skip_layers <= self.n_layers - 1:
             raise ValueError(f"n_skip_layers must be in [0, {self.n_layers - 1}]")
+        if not -1 <= self.n_skip_conv_layers <= self.n_skip_layers:
+            raise ValueError(f"n_skip_conv_layers must be -1 (all) or in [0, n_skip_layers={self.n_skip_layers}]")
+        if self.n_skip_conv_layers != -1 and not (self.skip == "auc" and self.skip_conv_block):
+            raise ValueError("n_skip_conv_layers applies to AUC skips with skip_conv_block")
         if not 0 <= self.n_inject_layers <= self.n_layers - 1:
             raise ValueError(f"n_inject_layers must be in [0, {self.n_layers - 1}]")
         for name, idx in (("enc_attention", self.enc_attention), ("dec_attention", self.dec_attention)):

@@ -118,8 +118,11 @@ class EncoderDecoderGenerator(AttributeGenerator):
                 skip_ch = enc_ch[n - 2 - j]
                 if cfg.skip == "auc":
                     self.aucs.append(AttentionUNetConnection(skip_ch, out_ch, max(skip_ch // 2, 1), cfg.norm))
-                in_ch += skip_ch
-                if cfg.skip_conv_block:
+                if self._late_skip(j):
+                    late_ch = skip_ch  # appended after the condition and self-attention, below
+                else:
+                    in_ch += skip_ch
+                if cfg.skip_conv_block and not self._late_skip(j):
                     self.skip_blocks.append(
                         nn.Sequential(
                             ConvBlock(in_ch, out_ch, kernel=3, stride=1, padding=1, norm=cfg.norm, act="relu"),
@@ -131,6 +134,8 @@ class EncoderDecoderGenerator(AttributeGenerator):
                 in_ch += a
             if j in cfg.dec_attention:
                 self.dec_attention[str(j)] = SelfAttention(in_ch)
+            if self._late_skip(j):
+                in_ch += late_ch
         out_channels = 4 if cfg.mask_head else 3
         self.to_image = up_conv(in_ch, out_channels, cfg.upsample)
 
@@ -156,18 +161,29 @@ class EncoderDecoderGenerator(AttributeGenerator):
         h = cat_condition(feats[n - 1], c)
         for j, layer in enumerate(self.decoder):
             h = layer(h)
+            late = None
             if j < len(skips):
                 skip = skips[j]
                 if cfg.skip == "auc":
                     skip, _ = self.aucs[j](skip, h)
-                h = torch.cat([h, skip.to(h.dtype)], dim=1)
-                if cfg.skip_conv_block:
-                    h = self.skip_blocks[j](h)
+                if self._late_skip(j):
+                    late = skip
+                else:
+                    h = torch.cat([h, skip.to(h.dtype)], dim=1)
+                    if cfg.skip_conv_block:
+                        h = self.skip_blocks[j](h)
             if j < cfg.n_inject_layers:
                 h = cat_condition(h, c)
             if str(j) in self.dec_attention:
                 h = self.dec_attention[str(j)](h)
+            if late is not None:
+                h = torch.cat([h, late.to(h.dtype)], dim=1)
         return self._split_head(self.to_image(h))
+
+    def _late_skip(self, j: int) -> bool:
+        """Whether skip level ``j`` is one appended last (see ``n_skip_conv_layers``)."""
+        cfg = self.config
+        return cfg.skip_conv_block and cfg.n_skip_conv_layers != -1 and cfg.n_skip_conv_layers <= j < cfg.n_skip_layers
 
 
 class StarGANGenerator(AttributeGenerator):
@@ -223,14 +239,20 @@ def _zero_padded(
     fits: Callable[[torch.Size, torch.Size], bool],
     verb: str,
     participle: str,
+    new_modules: tuple[str, ...] = (),
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """``target``'s state dict filled from ``state_dict``: a tensor of the same shape as it is, one whose
     shapes ``fits(have, want)`` with its values in the leading corner and zeros elsewhere (their names
-    are returned); anything else raises ``ValueError``."""
+    are returned); a tensor of a module named in ``new_modules`` that ``state_dict`` lacks keeps
+    ``target``'s own value (its name is returned too); anything else raises ``ValueError``."""
     out: dict[str, torch.Tensor] = {}
     padded = []
     for key, want in target.state_dict().items():
         have = state_dict.get(key)
+        if have is None and any(key.startswith(m + ".") for m in new_modules):
+            out[key] = want.detach().clone()
+            padded.append(key)
+            continue
         if have is None:
             raise ValueError(f"{key}: missing from the network being {participle}")
         if have.shape == want.shape:
@@ -269,18 +291,24 @@ def widen_state_dict(
     state_dict: dict[str, torch.Tensor], target: nn.Module
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """A state dict for ``target``, a network like the one ``state_dict`` came from but with the
-    condition injected after more decoder layers (a larger ``n_inject_layers``), and the names of the
-    tensors that grew.
+    condition injected after more decoder layers (a larger ``n_inject_layers``) or more late AUC skip
+    levels (a larger ``n_skip_layers`` past ``n_skip_conv_layers``), and the names of the tensors that
+    grew or are new.
 
     Each injection appends the tiled condition to the decoder's feature (last in the concatenation),
-    so the layers after it gain input channels, and a self-attention there gains channels too. Every
-    such tensor is at least as large as the parent's in every dimension: the parent's values keep the
-    leading corner and the rest starts at **zero**, so at step 0 the widened network computes exactly
-    what the parent did (new inputs are multiplied by zero weights; an attention's new value rows are
-    zero, so its new channels pass the condition through). Anything else must match.
+    so the layers after it gain input channels, and a self-attention there gains channels too; a late
+    skip level appends its gated encoder feature last, so the next layer gains input channels and the
+    level's attention gate is a new module. Every grown tensor is at least as large as the parent's in
+    every dimension: the parent's values keep the leading corner and the rest starts at **zero**, so at
+    step 0 the widened network computes exactly what the parent did (new inputs are multiplied by zero
+    weights; an attention's new value rows are zero, so its new channels pass through; a new gate's
+    output only reaches zero weights). Anything else must match.
     """
 
     def no_smaller(have: torch.Size, want: torch.Size) -> bool:
         return all(h <= w for h, w in zip(have, want, strict=True))
 
-    return _zero_padded(state_dict, target, no_smaller, "widen", "widened")
+    late = getattr(target, "_late_skip", None)
+    n_skip = getattr(getattr(target, "config", None), "n_skip_layers", 0)
+    new_gates = tuple(f"aucs.{j}" for j in range(n_skip) if late is not None and late(j))
+    return _zero_padded(state_dict, target, no_smaller, "widen", "widened", new_gates)

@@ -419,6 +419,39 @@ def test_a_generator_with_more_injection_layers_starts_from_its_parent_with_the_
         widen_state_dict(child.state_dict(), parent)  # narrowing is refused
 
 
+def test_a_mugan_with_more_skip_levels_starts_from_its_parent_with_the_same_outputs() -> None:
+    from models.generators import widen_state_dict
+    from models.registry import build, get_preset
+
+    arch, cfg = get_preset("mugan-tiny")  # AUCs with conv blocks at decoder levels 0 and 1 of 2
+    cfg = dataclasses.replace(cfg, n_skip_layers=1, n_inject_layers=2, conditioning="diff")
+    torch.manual_seed(0)
+    parent = build(arch, cfg).eval()
+    with torch.no_grad():
+        for attention in parent.dec_attention.values():
+            attention.gamma.fill_(0.7)
+    child_cfg = dataclasses.replace(cfg, n_skip_layers=2, n_skip_conv_layers=1)
+    child = build(arch, child_cfg).eval()
+    assert len(child.aucs) == 2 and len(child.skip_blocks) == 1  # the new level: a gate, no conv block
+    state, widened = widen_state_dict(parent.state_dict(), child)
+    assert any(k.startswith("aucs.1.") for k in widened) and any(k.startswith("to_image") for k in widened)
+    child.load_state_dict(state)
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    c = torch.randn(3, len(cfg.attributes))
+    with torch.no_grad():
+        for got, want in zip(child(x, c), parent(x, c), strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    # the new level is wired: the highest-resolution encoder feature reaches the output through the
+    # (zero) new input weights of the last layer, which therefore get a gradient
+    child.zero_grad()
+    child(x, c)[0].square().sum().backward()
+    to_image = next(p for n, p in child.named_parameters() if n.startswith("to_image") and p.dim() == 4)
+    assert to_image.grad is not None
+    assert float(to_image.grad[:, -child.config.base_channels :].abs().sum()) > 0
+    with pytest.raises(ValueError, match="n_skip_conv_layers"):
+        dataclasses.replace(get_preset("stgan-tiny")[1], n_skip_conv_layers=1)
+
+
 def _two_pass_step(trainer: Trainer) -> None:
     """The step as it was before the generator pass was shared: D learns from a no-grad edit of its
     own, then G's loss runs the generator again (the reference the shared pass must equal)."""

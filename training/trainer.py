@@ -299,7 +299,12 @@ class Trainer:
             except ValueError as exc:
                 raise CheckpointError(f"{path}: its {prefix} does not fit this run's network ({exc})") from None
             if widened and prefix == "G":
-                log.info("widened %d tensors of %s's generator with zeros: %s", len(widened), path, ", ".join(widened))
+                log.info(
+                    "widened %d tensors of %s's generator with zeros (new skip gates keep their own init): %s",
+                    len(widened),
+                    path,
+                    ", ".join(widened),
+                )
             out |= {f"{prefix}.{k}": v for k, v in sub.items()}
         return out
 
