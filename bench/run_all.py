@@ -24,7 +24,7 @@ from bench.common import machine_kind
 def benchmarks(weights: Path, quick: bool) -> dict[str, Callable[[], str]]:
     q = quick
     return {
-        "slider": lambda: slider.run(weights, 30 if q else 200),
+        "slider": lambda: slider.run(weights, 30 if q else 200, compiled=not q),
         "photo_http": lambda: photo_http.run(weights, 3 if q else 10, 1 if q else 3),
         "throughput": lambda: throughput.run(weights, 3.0 if q else 10.0, None),
         "train_step": lambda: train_step.run(2 if q else 6, 16),

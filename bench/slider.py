@@ -1,8 +1,10 @@
 """Benchmark 1 — slider move: one aligned face, encoder features cached, decoder only, batch 1.
 
 p50 / p95 per served model: fp32 in NCHW and in channels_last, bf16 autocast (channels_last) where the
-CPU has bf16 units, and the max |bf16 - fp32| of the output image.
-Run: ``python bench/slider.py [--weights weights] [--repeats 200]``.
+CPU has bf16 units, and the max |bf16 - fp32| of the output image; with ``--compiled``, also the
+decoder the server compiles in the background (server/compiled.py; fp32 in the faster layout; tens of
+seconds of compiling per model first).
+Run: ``python bench/slider.py [--weights weights] [--repeats 200] [--compiled]``.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,7 +23,30 @@ from bench.common import machine, precisions, summary, table, time_ms
 from models.checkpoint import CONFIG_FILE, load_pretrained
 
 
-def run(weights: Path, repeats: int) -> str:
+def compiled_row(name: str, net: torch.nn.Module, info: Any, layout: torch.memory_format, repeats: int) -> list:
+    """The server's compiled decoder (built, checked against eager) timed like the other rows."""
+    from server.compiled import build_compiled_decoder
+    from server.served_models import ServedGenerator
+
+    served = ServedGenerator(name, info, net.to(memory_format=layout), torch.device("cpu"), memory_format=layout)
+    t0 = time.perf_counter()
+    decode = build_compiled_decoder(served)
+    compile_s = time.perf_counter() - t0
+    x = torch.rand(1, 3, info.image_size, info.image_size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    cond = torch.zeros(1, len(info.attributes))
+    cond[0, 0] = 1.0
+    enc = served.encode(x)
+
+    def step() -> None:
+        with torch.no_grad():
+            decode(enc, cond)
+
+    p50, p95 = summary(time_ms(step, repeats))
+    layout_name = "channels_last" if layout == torch.channels_last else "contiguous"
+    return [name, f"fp32, {layout_name}, compiled", p50, p95, f"compiled in {compile_s:.0f} s (in the background)"]
+
+
+def run(weights: Path, repeats: int, compiled: bool = False) -> str:
     rows = []
     for folder in sorted(p for p in weights.iterdir() if (p / CONFIG_FILE).is_file()):
         net, info = load_pretrained(folder)
@@ -54,13 +81,16 @@ def run(weights: Path, repeats: int) -> str:
             name = "channels_last" if layout == torch.channels_last else "contiguous"
             rows.append([folder.name, f"{precision}, {name}", p50, p95, ""])
         fp32_best = min(medians[("fp32", torch.contiguous_format)], medians[("fp32", torch.channels_last)])
+        fp32_layout = min((torch.contiguous_format, torch.channels_last), key=lambda f: medians[("fp32", f)])
         if "bf16" in outs:
             diff = float((outs["bf16"] - outs["fp32"]).abs().max())
             ratio = fp32_best / medians[("bf16", torch.channels_last)]
             rows[-1][4] = f"{ratio:.2f}x the faster fp32, max abs diff {diff:.4f}"
         else:
             rows[-1][4] = "bf16 not timed: no bf16 units"
-    header = ["model", "precision, layout", "p50 ms", "p95 ms", "bf16 vs fp32"]
+        if compiled:
+            rows.append(compiled_row(folder.name, net.float(), info, fp32_layout, repeats))
+    header = ["model", "precision, layout", "p50 ms", "p95 ms", "bf16 vs fp32 / compiled"]
     return f"### Slider move (decoder only, batch 1)\n\n{machine()}\n\n" + table(header, rows) + "\n"
 
 
@@ -68,9 +98,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--weights", type=Path, default=Path("weights"))
     p.add_argument("--repeats", type=int, default=200)
+    p.add_argument("--compiled", action="store_true", help="also time the server's compiled decoder")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO)
-    logging.getLogger(__name__).info("\n%s", run(args.weights, args.repeats))
+    logging.getLogger(__name__).info("\n%s", run(args.weights, args.repeats, args.compiled))
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ def run_batch(
         raise BatchError(f"--edits is not JSON: {exc}") from None
     out_dir.mkdir(parents=True, exist_ok=True)
     state = create_state(settings)
-    state.load_models()
+    state.load_models(compile_decoders=False)  # a batch run ends before a compile would pay off
     if not state.registry.generators:
         raise BatchError(f"no model could be loaded from {settings.weights_dir}")
     outcomes: list[Outcome] = []

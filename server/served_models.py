@@ -35,6 +35,9 @@ class ServedGenerator:
     batcher: MicroBatcher | None = None
     memory_format: torch.memory_format = torch.channels_last
     layout_ms: dict[str, float] | None = None  # the layout trial's decode p50s, when one ran
+    #: The decoder compiled by :mod:`server.compiled` once it is built, checked and faster; else eager.
+    compiled_decode: Callable[[Encoded, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    compile_report: dict[str, Any] | None = None
 
     def enable_batching(self, max_batch: int, max_wait_ms: float) -> None:
         if max_batch > 1:
@@ -51,18 +54,19 @@ class ServedGenerator:
         tpl = self.info.alignment_template
         return tpl["landmarks"] if tpl else DEFAULT_TEMPLATE
 
-    def _autocast(self) -> torch.autocast:
+    def autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> Encoded:
-        with self._autocast():
+        with self.autocast():
             return self.net.encode(x.to(self.device).contiguous(memory_format=self.memory_format))
 
     @torch.no_grad()
     def decode(self, encoded: Encoded, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with self._autocast():
-            out, mask = self.net.decode(encoded, cond.to(self.device))
+        decode = self.compiled_decode or self.net.decode
+        with self.autocast():
+            out, mask = decode(encoded, cond.to(self.device))
         return out.float(), mask.float()
 
     def describe(self, default: str | None) -> dict[str, Any]:
@@ -79,6 +83,7 @@ class ServedGenerator:
             "precision": self.precision,
             "layout": layout_name(self.memory_format),
             "layout_decode_ms": self.layout_ms,
+            "compiled_decoder": self.compile_report,
             "micro_batching": None if self.batcher is None else self.batcher.stats(),
             "bf16_max_abs_diff": self.bf16_max_abs_diff,
             "metrics": summarise_metrics(self.info.metrics),

@@ -11,6 +11,7 @@ import torch
 from models.device import pick_device
 from models.precision import device_has_bf16_units
 from server.admission import Admission
+from server.compiled import compile_in_background, should_compile
 from server.compute import ComputePool
 from server.config import Settings
 from server.faces import FaceDetector
@@ -68,8 +69,10 @@ class AppState:
         finally:
             self.loaded.set()
 
-    def load_models(self) -> ModelRegistry:
-        """Load weights/ into a new registry and swap it in whole; in-flight requests keep the old one."""
+    def load_models(self, compile_decoders: bool = True) -> ModelRegistry:
+        """Load weights/ into a new registry and swap it in whole; in-flight requests keep the old one.
+        With ``compile_decoders`` (and the ``compile`` setting on), the new registry's decoders are
+        then compiled in the background (:mod:`server.compiled`)."""
         s = self.settings
         # with one compute thread there are never two decoder calls to merge, and a batcher thread
         # would be a second OpenMP team (see server/compute.py)
@@ -93,6 +96,8 @@ class AppState:
         old, self.registry = self.registry, new
         old.close()  # its batchers finish what is queued, then their threads end
         self.service.cache.clear()
+        if compile_decoders and new.generators and should_compile(s.compile, self.device):
+            compile_in_background(new, self.compute.run, lambda: self.registry is new)
         return new
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,9 @@ import torch
 from training.synthetic import make_celeba_folder
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# Apps made by the tests serve eagerly: a background compile per app would take the test machine's
+# cores for tens of seconds each (tests/test_compiled.py exercises the compiled path on its own).
+os.environ["FACE_EDITOR_COMPILE"] = "off"
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 

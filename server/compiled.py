@@ -1,0 +1,147 @@
+"""Decoders compiled with TorchInductor, built in the background after the models load.
+
+A slider move runs only the decoder, at batch 1, where eager PyTorch spends much of its time between
+small ops. Inductor with ``freezing`` (the weights become constants, so oneDNN prepacks the
+convolutions and the element-wise ops around them fuse) made the served decoders about 1.5x faster
+on a 2-core AMD EPYC (a one-off timing, bench/slider.py measures it). Compiling takes tens of
+seconds per model, so it never delays start-up: the models serve eagerly until their compiled
+decoder is built, checked against the eager one and timed, and it is swapped in only when it agrees
+and is faster. Anything that fails (no C++ compiler, an op inductor cannot lower) leaves the model
+eager, logged and shown in ``GET /v1/models``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from server.served_models import ModelRegistry, ServedGenerator
+
+log = logging.getLogger(__name__)
+
+#: Largest |compiled - eager| accepted in the decoder's output image and mask (values in [-1, 1]).
+TOLERANCE = 1e-3
+
+
+def has_cxx_compiler() -> bool:
+    """Inductor's CPU backend writes C++ and builds it with the compiler in ``$CXX`` (default ``c++``)."""
+    return any(shutil.which(c) for c in (os.environ.get("CXX", "c++"), "g++", "clang++") if c)
+
+
+def should_compile(mode: str, device: torch.device) -> bool:
+    """``decoder``: always; ``off``: never; ``auto``: on a CPU that has a C++ compiler (CUDA not yet
+    measured, so eager there)."""
+    if mode == "decoder":
+        return True
+    return mode == "auto" and device.type == "cpu" and has_cxx_compiler()
+
+
+def _probe(served: ServedGenerator, batch: int, seed: int) -> tuple[Any, torch.Tensor]:
+    size = served.info.image_size
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch, 3, size, size, generator=g) * 2 - 1
+    cond = torch.randint(-1, 2, (batch, len(served.info.attributes)), generator=g).float()
+    return served.encode(x), cond.to(served.device)
+
+
+def _mark_batch_dynamic(encoded: Any, cond: torch.Tensor) -> None:
+    """One compiled graph for every batch size above 1 (micro-batching merges faces), not one per size."""
+    for t in (encoded.x, *encoded.features, cond):
+        torch._dynamo.mark_dynamic(t, 0)
+
+
+def build_compiled_decoder(served: ServedGenerator) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """``served.net.decode`` compiled, warmed up (the compiles happen here: one graph for batch 1, the
+    slider's, and one for any larger batch) and checked against eager at batch 1 and 3; raises
+    ``RuntimeError`` when they disagree."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True
+    inductor_config.compile_threads = 1  # compile in this thread (niced), no pool of worker processes
+    compiled = torch.compile(served.net.decode)
+    with torch.no_grad(), served.autocast():
+        for batch, seed in ((1, 0), (3, 1)):
+            encoded, cond = _probe(served, batch, seed)
+            if batch > 1:
+                _mark_batch_dynamic(encoded, cond)
+            got = compiled(encoded, cond)
+            want = served.net.decode(encoded, cond)
+            diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(got, want, strict=True))
+            if diff > TOLERANCE:
+                raise RuntimeError(f"compiled decoder differs from eager by {diff:.2e} at batch {batch}")
+    return compiled
+
+
+def time_decoders(
+    served: ServedGenerator, compiled: Callable[..., tuple[torch.Tensor, torch.Tensor]], rounds: int = 7
+) -> dict[str, float]:
+    """Median ms of a batch-1 decode (a slider move), eager and compiled, interleaved."""
+    encoded, cond = _probe(served, 1, 2)
+    fns = {"eager": served.net.decode, "compiled": compiled}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    with torch.no_grad(), served.autocast():
+        for fn in fns.values():
+            fn(encoded, cond)
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn(encoded, cond)
+                times[name].append((time.perf_counter() - t0) * 1000)
+    return {f"{name}_ms": round(statistics.median(ms), 2) for name, ms in times.items()}
+
+
+def compile_decoder(served: ServedGenerator, run_timed: Callable[..., Any]) -> dict[str, Any]:
+    """Build, check and time ``served``'s compiled decoder; swap it in when it is faster. Returns the
+    report shown in ``GET /v1/models``. ``run_timed`` runs the timing trial (the service's compute
+    thread, so the trial does not race edits for the cores)."""
+    t0 = time.perf_counter()
+    try:
+        compiled = build_compiled_decoder(served)
+    except Exception as exc:  # inductor raises many kinds; any of them leaves the model eager
+        log.warning("%s: decoder not compiled (%s: %s); serving eagerly", served.name, type(exc).__name__, exc)
+        return {"used": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
+    report: dict[str, Any] = {"compile_s": round(time.perf_counter() - t0, 1)}
+    report |= run_timed(time_decoders, served, compiled)
+    report["used"] = report["compiled_ms"] < report["eager_ms"]
+    if report["used"]:
+        served.compiled_decode = compiled
+    log.info(
+        "%s: compiled decoder in %.1f s, batch-1 decode %.1f ms (eager %.1f) -> %s",
+        served.name,
+        report["compile_s"],
+        report["compiled_ms"],
+        report["eager_ms"],
+        "compiled" if report["used"] else "eager",
+    )
+    return report
+
+
+def compile_in_background(
+    registry: ModelRegistry, run_timed: Callable[..., Any], is_current: Callable[[], bool]
+) -> threading.Thread:
+    """Compile every generator of ``registry`` one after the other in a daemon thread; stop early when
+    ``registry`` has been replaced by a reload (``is_current`` false)."""
+
+    def work() -> None:
+        # compile at the lowest CPU priority (the C++ compiler it starts inherits it): edits first;
+        # where threads have no priority of their own (not Linux) it keeps the process's
+        with contextlib.suppress(AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        for served in list(registry.generators.values()):
+            if not is_current():
+                return
+            served.compile_report = {"used": False, "state": "compiling"}
+            served.compile_report = compile_decoder(served, run_timed)
+
+    thread = threading.Thread(target=work, name="compile-decoders", daemon=True)
+    thread.start()
+    return thread

@@ -1,0 +1,90 @@
+"""The background-compiled decoder (server/compiled.py): when it is used, what it must agree with."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from server.compiled import compile_decoder, compile_in_background, has_cxx_compiler, should_compile, time_decoders
+from server.served_models import ModelRegistry
+from tests.server_utils import make_weights
+
+
+def test_auto_compiles_only_on_a_cpu_with_a_cxx_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert should_compile("decoder", cuda) and not should_compile("off", cpu)
+    assert not should_compile("auto", cuda)
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    monkeypatch.setenv("PATH", "")
+    assert not has_cxx_compiler() and not should_compile("auto", cpu)
+
+
+def _registry(tmp_path: Path) -> ModelRegistry:
+    return ModelRegistry.load(make_weights(tmp_path / "w"), torch.device("cpu"), precision="fp32", micro_batch=1)
+
+
+def _inline(fn: Any, *args: Any) -> Any:
+    return fn(*args)
+
+
+def test_a_compiled_decoder_is_swapped_in_only_when_the_trial_finds_it_faster(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import server.compiled as compiled
+
+    served = _registry(tmp_path).generators["stgan"]
+    stand_in = served.net.decode  # what "compiling" returns here; the real compile is the next test's
+    monkeypatch.setattr(compiled, "build_compiled_decoder", lambda s: stand_in)
+    report = compile_decoder(served, lambda fn, *a: {"eager_ms": 1.0, "compiled_ms": 2.0})
+    assert report["used"] is False and served.compiled_decode is None
+    report = compile_decoder(served, lambda fn, *a: {"eager_ms": 2.0, "compiled_ms": 1.0})
+    assert report["used"] is True and served.compiled_decode is stand_in
+
+
+@pytest.mark.skipif(not has_cxx_compiler(), reason="inductor's CPU backend needs a C++ compiler")
+def test_the_compiled_decoder_serves_what_the_eager_one_does_at_any_batch(tmp_path: Path) -> None:
+    served = _registry(tmp_path).generators["stgan"]
+    size, n_attrs = served.info.image_size, len(served.info.attributes)
+    torch.manual_seed(0)
+    x = torch.rand(5, 3, size, size) * 2 - 1
+    cond = torch.randint(-1, 2, (5, n_attrs)).float()
+    eager = served.decode(served.encode(x), cond)
+    report = compile_decoder(served, lambda fn, *a: {"eager_ms": 2.0, "compiled_ms": 1.0})
+    assert report["used"] and served.compiled_decode is not None and report["compile_s"] > 0
+    for batch in (1, 2, 5):  # batch 1 (a slider move) and micro-batches of any size
+        got = served.decode(served.encode(x[:batch]), cond[:batch])
+        for a, b in zip(got, eager, strict=True):
+            torch.testing.assert_close(a, b[:batch], rtol=0, atol=1e-4)
+    trial = time_decoders(served, served.compiled_decode, rounds=2)
+    assert trial["eager_ms"] > 0 and trial["compiled_ms"] > 0
+
+
+def test_a_decoder_that_fails_to_compile_stays_eager_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import server.compiled as compiled
+
+    def broken(served: Any) -> Any:
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(compiled, "build_compiled_decoder", broken)
+    registry = _registry(tmp_path)
+    thread = compile_in_background(registry, _inline, lambda: True)
+    thread.join(timeout=30)
+    served = registry.generators["stgan"]
+    assert served.compiled_decode is None
+    assert served.compile_report == {"used": False, "error": "RuntimeError: no C++ compiler here"}
+    assert served.describe(None)["compiled_decoder"] == served.compile_report
+
+
+def test_a_replaced_registry_is_not_compiled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import server.compiled as compiled
+
+    calls: list[str] = []
+    monkeypatch.setattr(compiled, "compile_decoder", lambda served, run: calls.append(served.name) or {})
+    registry = _registry(tmp_path)
+    compile_in_background(registry, _inline, lambda: False).join(timeout=30)
+    assert calls == [] and registry.generators["stgan"].compile_report is None
