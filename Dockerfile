@@ -4,6 +4,9 @@ FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
 
+# A C++ compiler: the server compiles its decoders with TorchInductor in the background (server/compiled.py,
+# FACE_EDITOR_COMPILE=auto); without one they stay eager.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 # torch/torchvision pinned as in .ci/setup.sh; facenet-pytorch without its (torch<2.3) pins.
 RUN pip install "torch==2.14.1" "torchvision==0.29.1" \
  && pip install --no-deps "facenet-pytorch==2.6.0"
