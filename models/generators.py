@@ -70,9 +70,15 @@ class AttributeGenerator(nn.Module):
     def decode(self, encoded: Encoded, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(output image, mask): the blended image with a mask head, else the raw edit and its change map."""
         x_edit, mask = self.decode_parts(encoded, c)
+        return self.blend(x_edit, mask, encoded.x)
+
+    @staticmethod
+    def blend(x_edit: torch.Tensor, mask: torch.Tensor | None, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`decode`'s output from :meth:`decode_parts`' for input ``x``: the mask head's blend of the
+        raw edit and the input, or (no mask head) the raw edit and its change map."""
         if mask is not None:
-            return mask * x_edit + (1 - mask) * encoded.x.to(x_edit.dtype), mask
-        return x_edit, change_mask(x_edit, encoded.x)
+            return mask * x_edit + (1 - mask) * x.to(x_edit.dtype), mask
+        return x_edit, change_mask(x_edit, x)
 
     def decode_parts(self, encoded: Encoded, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(raw edited image before blending, mask from the head or None)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -468,7 +469,7 @@ def _two_pass_step(trainer: Trainer) -> None:
     cond_rec = condition_vector(c_src, torch.zeros_like(c_src), mode)
     trainer.D.requires_grad_(True)
     with torch.no_grad():
-        x_fake = trainer.G(x_real, cond)[0]
+        x_fake = losses.generator_pass(trainer.G, x_real, cond, cond_rec, trainer._autocast).x_fake
     use_r1 = step % cfg.r1_interval == 0
     d_loss, _ = losses.discriminator_loss(
         trainer.D,
@@ -550,6 +551,44 @@ def test_recomputed_batchnorm_statistics_are_the_average_over_the_training_passe
     expected_var = torch.stack([a.transpose(0, 1).flatten(1).var(dim=1) for a in inputs]).mean(0)
     torch.testing.assert_close(first.running_var, expected_var, rtol=1e-4, atol=1e-6)
     assert not gen.training and first.momentum == momentum  # mode and momenta restored
+
+
+@pytest.mark.parametrize("preset", ["stgan-tiny", "mugan-tiny"])
+def test_a_joint_decode_serves_in_eval_mode_what_training_mode_computed(preset: str) -> None:
+    from contextlib import nullcontext
+
+    from models.attributes import condition_vector
+    from models.registry import build, get_preset
+    from training import losses
+    from training.batchnorm import recompute_batchnorm
+
+    torch.manual_seed(0)
+    arch, cfg = get_preset(preset)
+    gen = build(arch, dataclasses.replace(cfg, conditioning="diff"))
+    n_attrs = len(cfg.attributes)
+    x = torch.rand(8, 3, 32, 32) * 2 - 1
+    c_src = (torch.rand(8, n_attrs) > 0.5).float()
+    cond = condition_vector(c_src, (1 - c_src) - c_src, "diff", 2.0)
+    cond_rec = condition_vector(c_src, torch.zeros_like(c_src), "diff")
+
+    def train_vs_eval(joint: bool) -> float:
+        """Largest |eval - train| of the edit and the reconstruction, BatchNorm statistics of this batch."""
+        g = copy.deepcopy(gen).train()
+        with torch.no_grad():
+            trained = losses.generator_pass(g, x, cond, cond_rec, nullcontext, joint)
+            recompute_batchnorm(g, [(x, cond, cond_rec)], joint=joint)
+            g.eval()
+            encoded = g.encode(x)
+            x_fake = g.decode(encoded, cond)[0]
+            x_rec_raw, mask_rec = g.decode_parts(encoded, cond_rec)
+        assert trained.mask_rec is not None and mask_rec is not None
+        pairs = [(x_fake, trained.x_fake), (x_rec_raw, trained.x_rec_raw), (mask_rec, trained.mask_rec)]
+        return max(float((a - b).abs().max()) for a, b in pairs)
+
+    # decoded as one batch, training and inference agree (up to BatchNorm's unbiased running variance);
+    # decoded apart, each half was normalised with statistics inference never uses
+    assert train_vs_eval(joint=True) < 0.02
+    assert train_vs_eval(joint=False) > 0.1
 
 
 def test_validation_sees_the_ema_generator_with_its_own_batchnorm_statistics(

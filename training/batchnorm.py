@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from models.attributes import condition_vector
-from models.generators import AttributeGenerator
+from models.generators import AttributeGenerator, Encoded
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # x_real, cond (the edit), cond_rec (zero difference)
 
@@ -28,10 +28,12 @@ def batchnorm_layers(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]
 
 
 @torch.no_grad()
-def recompute_batchnorm(generator: AttributeGenerator, batches: Iterable[Batch]) -> int:
+def recompute_batchnorm(generator: AttributeGenerator, batches: Iterable[Batch], joint: bool = True) -> int:
     """Replace every BatchNorm layer's running statistics by their plain average over ``batches``
-    (momentum ``None``), computed in the generator's training-time passes; the generator's mode and
-    the layers' momenta are restored. Returns how many batches were used (0: no BatchNorm layers)."""
+    (momentum ``None``), computed in the generator's training-time passes (``joint``: the edit and the
+    reconstruction decoded as one batch, as :func:`training.losses.generator_pass` does); the
+    generator's mode and the layers' momenta are restored. Returns how many batches were used (0: no
+    BatchNorm layers)."""
     layers = batchnorm_layers(generator)
     if not layers:
         return 0
@@ -47,8 +49,11 @@ def recompute_batchnorm(generator: AttributeGenerator, batches: Iterable[Batch])
     try:
         for x_real, cond, cond_rec in batches:
             encoded = generator.encode(x_real)
-            generator.decode(encoded, cond)
-            generator.decode_parts(encoded, cond_rec)
+            if joint:
+                generator.decode_parts(Encoded.cat([encoded, encoded]), torch.cat([cond, cond_rec]))
+            else:
+                generator.decode(encoded, cond)
+                generator.decode_parts(encoded, cond_rec)
             n += 1
     finally:
         for m, momentum in zip(layers, momenta, strict=True):

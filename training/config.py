@@ -81,6 +81,10 @@ class TrainConfig:
     #: output at zero difference is the raw decoder's (mugan-v3b at step 12000: mask mean 0.33 at zero
     #: difference, zero-edit PSNR 30.6 dB, was 38-40) and the overlay marks what no slider changed.
     lambda_mask_rec: float = 0.0
+    #: Decode the edit and the reconstruction as one batch (see losses.generator_pass): BatchNorm then
+    #: normalises them in training as it does at inference. False: two decodes, as every run before
+    #: 2026-11-30 did (one resumed from then switches unless given ``--set joint_decode=false``).
+    joint_decode: bool = True
     ema_decay: float = 0.999
     #: Before each validation (and so in every ``best`` checkpoint) the EMA generator's BatchNorm
     #: statistics are re-estimated from its own activations on this many training batches

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.generators import Encoded
 from training.config import TrainConfig
 
 Logs = dict[str, float]
@@ -223,10 +224,24 @@ def generator_pass(
     cond: torch.Tensor,
     cond_rec: torch.Tensor,
     autocast: Callable[[], AbstractContextManager[Any]],
+    joint: bool = True,
 ) -> GeneratorPass:
-    """Encode ``x_real`` once, decode it with the edit's condition and with the reconstruction's."""
+    """Encode ``x_real`` once, decode it with the edit's condition and with the reconstruction's.
+
+    ``joint``: both decodes run as one batch, so the decoder's BatchNorm layers normalise edits and
+    reconstructions with the same statistics, as they do at inference with their running (or
+    recomputed) statistics, which mix the two. Decoded apart, each half was normalised with its own
+    batch statistics in training and with the mixture's at inference: MU-GAN at step 12156 opened its
+    mask to a mean of 0.37 at zero difference in eval mode (zero-edit PSNR 30.9 dB) where training
+    mode closed it to 0.002.
+    """
     with autocast():
         encoded = generator.encode(x_real)
+        if joint:
+            n = x_real.shape[0]
+            raw, mask = generator.decode_parts(Encoded.cat([encoded, encoded]), torch.cat([cond, cond_rec]))
+            x_fake, mask_fake = generator.blend(raw[:n], None if mask is None else mask[:n], encoded.x)
+            return GeneratorPass(x_fake, mask_fake, raw[n:], None if mask is None else mask[n:])
         x_fake, mask_fake = generator.decode(encoded, cond)
         x_rec_raw, mask_rec = generator.decode_parts(encoded, cond_rec)
     return GeneratorPass(x_fake, mask_fake, x_rec_raw, mask_rec)

@@ -171,7 +171,7 @@ class Trainer:
                 yield (x_real, *self._conditions(c_src, c_trg, gen))
 
         with torch.no_grad(), self._autocast():
-            return recompute_batchnorm(self.G_ema, batches())
+            return recompute_batchnorm(self.G_ema, batches(), joint=self.cfg.joint_decode)
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict[str, float]:
@@ -184,7 +184,7 @@ class Trainer:
 
         # ---- the generator runs once: D learns from its edit detached, G's loss reads the same pass
         # after D's update. With n_critic > 1 the earlier critic steps draw their own no-grad edits.
-        g_pass = losses.generator_pass(self.G, x_real, cond, cond_rec, self._autocast)
+        g_pass = losses.generator_pass(self.G, x_real, cond, cond_rec, self._autocast, cfg.joint_decode)
 
         # ---- discriminator
         self.D.requires_grad_(True)
