@@ -76,10 +76,10 @@ class TrainConfig:
     #: Per edited image, the mask's mean is pushed above this floor (see losses.mask_regularisation).
     mask_floor: float = 0.05
     lambda_mask_floor: float = 10.0
-    #: With a mask head: the mean of the mask at zero difference (the reconstruction's). Nothing else
-    #: closes it there, since the raw decoder is trained to reconstruct too; left open, the served
-    #: output at zero difference is the raw decoder's (mugan-v3b at step 12000: mask mean 0.33 at zero
-    #: difference, zero-edit PSNR 30.6 dB, was 38-40) and the overlay marks what no slider changed.
+    #: With a mask head: the mean of the mask at zero difference (the reconstruction's), pushed towards 0
+    #: so the overlay marks nothing when no slider moves. In training mode it was already ~0.002 for
+    #: MU-GAN; the open mask seen at inference (0.37) came from BatchNorm statistics (see
+    #: ``joint_decode``), which this term cannot reach. A guard; mugan-v4 trains with 1.
     lambda_mask_rec: float = 0.0
     #: Decode the edit and the reconstruction as one batch (see losses.generator_pass): BatchNorm then
     #: normalises them in training as it does at inference. False: two decodes, as every run before
