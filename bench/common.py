@@ -78,3 +78,18 @@ def repeats_main(description: str | None, run: Callable[[int], str], default_rep
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO)
     logging.getLogger(run.__module__).info("\n%s", run(args.repeats))
+
+
+def wait_compiled(url: str, limit_s: float = 300.0) -> float:
+    """Seconds until the server at ``url`` has no decoder queued or compiling in the background
+    (server/compiled.py), so timings do not share the cores with a compile; at most ``limit_s``."""
+    import httpx
+
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < limit_s:
+        models = httpx.get(url + "/v1/models", timeout=10).json()["models"]
+        states = [(m.get("compiled_decoder") or {}).get("state") for m in models]
+        if not any(s in ("queued", "compiling") for s in states):
+            break
+        time.sleep(0.5)
+    return time.perf_counter() - t0

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import PHOTOS, machine, summary, table
+from bench.common import PHOTOS, machine, summary, table, wait_compiled
 from server.launch import live_server
 
 STAGES = ("decode_image", "detect", "align", "classify", "encode", "decode", "compose", "crops_png", "encode_response")
@@ -46,6 +46,7 @@ def edit(
 def run(weights: Path, repeats: int, cold_runs: int) -> str:
     rows = []
     with live_server(weights, cache_size="64") as (url, _), httpx.Client(timeout=120) as client:
+        wait_compiled(url)  # time the decoders the server will serve, not a compile's contention
         for photo in sorted(PHOTOS.glob("*.jpg")):
             data = photo.read_bytes()
             cold, cold_stages = [], []

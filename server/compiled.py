@@ -131,6 +131,9 @@ def compile_in_background(
     """Compile every generator of ``registry`` one after the other in a daemon thread; stop early when
     ``registry`` has been replaced by a reload (``is_current`` false)."""
 
+    for served in registry.generators.values():
+        served.compile_report = {"used": False, "state": "queued"}
+
     def work() -> None:
         # compile at the lowest CPU priority (the C++ compiler it starts inherits it): edits first;
         # where threads have no priority of their own (not Linux) it keeps the process's
@@ -138,6 +141,9 @@ def compile_in_background(
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         for served in list(registry.generators.values()):
             if not is_current():
+                for rest in registry.generators.values():
+                    if (rest.compile_report or {}).get("state") == "queued":
+                        rest.compile_report = {"used": False, "state": "skipped: replaced by a reload"}
                 return
             served.compile_report = {"used": False, "state": "compiling"}
             served.compile_report = compile_decoder(served, run_timed)
