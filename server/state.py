@@ -97,7 +97,12 @@ class AppState:
         old.close()  # its batchers finish what is queued, then their threads end
         self.service.cache.clear()
         if compile_decoders and new.generators and should_compile(s.compile, self.device):
-            compile_in_background(new, self.compute.run, lambda: self.registry is new)
+            queue = self.service.admission
+
+            def idle() -> bool:
+                return queue.in_flight + queue.waiting == 0
+
+            compile_in_background(new, self.compute.run, lambda: self.registry is new, idle)
         return new
 
 

@@ -89,3 +89,30 @@ def test_a_replaced_registry_is_not_compiled(tmp_path: Path, monkeypatch: pytest
     compile_in_background(registry, _inline, lambda: False).join(timeout=30)
     assert calls == []
     assert registry.generators["stgan"].compile_report == {"used": False, "state": "skipped: replaced by a reload"}
+
+
+def test_compiles_wait_until_the_service_has_been_idle_for_a_while(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    import server.compiled as compiled
+
+    started: list[float] = []
+    monkeypatch.setattr(compiled, "compile_decoder", lambda served, run: started.append(time.monotonic()) or {})
+    registry = _registry(tmp_path)
+    busy_until = time.monotonic() + 0.3  # edits in flight for 0.3 s
+    t0 = time.monotonic()
+    thread = compile_in_background(
+        registry, _inline, lambda: True, lambda: time.monotonic() >= busy_until, quiet_s=0.2, poll_s=0.01
+    )
+    thread.join(timeout=30)
+    assert len(started) == 1 and started[0] - t0 >= 0.5  # 0.3 s busy, then 0.2 s quiet
+
+    # a registry replaced while it waits for a quiet moment is never compiled
+    started.clear()
+    current = [True]
+    thread = compile_in_background(registry, _inline, lambda: current[0], lambda: False, quiet_s=0.1, poll_s=0.01)
+    current[0] = False
+    thread.join(timeout=30)
+    assert started == [] and registry.generators["stgan"].compile_report["state"].startswith("skipped")
