@@ -251,9 +251,13 @@ def _zero_padded(
     shapes ``fits(have, want)`` with its values in the leading corner and zeros elsewhere (their names
     are returned); a tensor of a module named in ``new_modules`` that ``state_dict`` lacks keeps
     ``target``'s own value (its name is returned too); anything else raises ``ValueError``."""
+    target_state = target.state_dict()
+    unexpected = sorted(set(state_dict) - set(target_state))
+    if unexpected:
+        raise ValueError(f"{', '.join(unexpected[:3])}: not in the network being {participle}")
     out: dict[str, torch.Tensor] = {}
     padded = []
-    for key, want in target.state_dict().items():
+    for key, want in target_state.items():
         have = state_dict.get(key)
         if have is None and any(key.startswith(m + ".") for m in new_modules):
             out[key] = want.detach().clone()

@@ -322,3 +322,21 @@ def test_recompute_bn_rewrites_a_release_with_its_own_statistics(
     assert 0 < doc["training"]["batchnorm"]["images"] <= 32 and info.edit_gain == 1.0 and doc["metrics"] == {}
     assert (out / DISCRIMINATOR_FILE).is_file() and (out / "samples.png").is_file()
     assert read_config(release).get("training", {}).get("batchnorm") is None  # the source is untouched
+
+
+def test_a_mugan_release_warm_starts_a_run_with_more_skip_levels(prepared_cache: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    two_levels = 'generator_overrides={"n_skip_layers": 1}'
+    sets = tiny_sets(prepared_cache, tmp_path, two_levels)
+    cli(["train", "--preset", "mugan-tiny", "--run", str(run), "--max-steps", "1", *sets])
+    release = export_run(run, tmp_path / "weights" / "mu", checkpoint="last", cache_dir=prepared_cache)
+    more = 'generator_overrides={"n_skip_layers": 2, "n_skip_conv_layers": 1}'
+    trainer = _trainer_from_release(release, prepared_cache, tmp_path, more)
+    assert trainer.G.config.n_skip_layers == 2 and len(trainer.G.aucs) == 2
+    released, _ = load_pretrained(release)
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    c = torch.zeros(3, 13)
+    c[:, 3] = 1
+    with torch.no_grad():
+        for got, want in zip(trainer.G_ema.eval()(x, c), released.float()(x, c), strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

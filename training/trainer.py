@@ -354,6 +354,13 @@ class Trainer:
             )
         if grow:  # --add-attributes: the new conditioning inputs and D's new head rows start at zero
             tensors = grow_state_dict(tensors, self.G, len(old_attrs), len(new_attrs))
+        else:  # more injection or late skip levels than the release: zero-widened, same outputs
+            try:
+                tensors, widened = widen_state_dict(tensors, self.G)
+            except ValueError as exc:
+                raise CheckpointError(f"{folder}: its generator does not fit this run's network ({exc})") from None
+            if widened:
+                log.info("widened %d tensors of %s's generator: %s", len(widened), folder, ", ".join(widened))
         for module in (self.G, self.G_ema):
             try:
                 check_state_dict(module.state_dict(), tensors)
