@@ -74,6 +74,10 @@ class EncoderDecoderConfig(GeneratorConfig):
     #: field are ``deconv``.
     upsample: str = "deconv"
 
+    def is_late_skip(self, j: int) -> bool:
+        """Whether decoder skip level ``j`` appends its gated feature last (see ``n_skip_conv_layers``)."""
+        return 0 <= self.n_skip_conv_layers <= j < self.n_skip_layers
+
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_choice("norm", self.norm, NORMS)

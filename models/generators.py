@@ -124,23 +124,23 @@ class EncoderDecoderGenerator(AttributeGenerator):
                 skip_ch = enc_ch[n - 2 - j]
                 if cfg.skip == "auc":
                     self.aucs.append(AttentionUNetConnection(skip_ch, out_ch, max(skip_ch // 2, 1), cfg.norm))
-                if self._late_skip(j):
+                if cfg.is_late_skip(j):
                     late_ch = skip_ch  # appended after the condition and self-attention, below
                 else:
                     in_ch += skip_ch
-                if cfg.skip_conv_block and not self._late_skip(j):
-                    self.skip_blocks.append(
-                        nn.Sequential(
-                            ConvBlock(in_ch, out_ch, kernel=3, stride=1, padding=1, norm=cfg.norm, act="relu"),
-                            ConvBlock(out_ch, out_ch, kernel=3, stride=1, padding=1, norm=cfg.norm, act="relu"),
+                    if cfg.skip_conv_block:
+                        self.skip_blocks.append(
+                            nn.Sequential(
+                                ConvBlock(in_ch, out_ch, kernel=3, stride=1, padding=1, norm=cfg.norm, act="relu"),
+                                ConvBlock(out_ch, out_ch, kernel=3, stride=1, padding=1, norm=cfg.norm, act="relu"),
+                            )
                         )
-                    )
-                    in_ch = out_ch
+                        in_ch = out_ch
             if j < cfg.n_inject_layers:
                 in_ch += a
             if j in cfg.dec_attention:
                 self.dec_attention[str(j)] = SelfAttention(in_ch)
-            if self._late_skip(j):
+            if cfg.is_late_skip(j):
                 in_ch += late_ch
         out_channels = 4 if cfg.mask_head else 3
         self.to_image = up_conv(in_ch, out_channels, cfg.upsample)
@@ -172,7 +172,7 @@ class EncoderDecoderGenerator(AttributeGenerator):
                 skip = skips[j]
                 if cfg.skip == "auc":
                     skip, _ = self.aucs[j](skip, h)
-                if self._late_skip(j):
+                if cfg.is_late_skip(j):
                     late = skip
                 else:
                     h = torch.cat([h, skip.to(h.dtype)], dim=1)
@@ -185,11 +185,6 @@ class EncoderDecoderGenerator(AttributeGenerator):
             if late is not None:
                 h = torch.cat([h, late.to(h.dtype)], dim=1)
         return self._split_head(self.to_image(h))
-
-    def _late_skip(self, j: int) -> bool:
-        """Whether skip level ``j`` is one appended last (see ``n_skip_conv_layers``)."""
-        cfg = self.config
-        return cfg.skip_conv_block and cfg.n_skip_conv_layers != -1 and cfg.n_skip_conv_layers <= j < cfg.n_skip_layers
 
 
 class StarGANGenerator(AttributeGenerator):
@@ -318,7 +313,7 @@ def widen_state_dict(
     def no_smaller(have: torch.Size, want: torch.Size) -> bool:
         return all(h <= w for h, w in zip(have, want, strict=True))
 
-    late = getattr(target, "_late_skip", None)
-    n_skip = getattr(getattr(target, "config", None), "n_skip_layers", 0)
-    new_gates = tuple(f"aucs.{j}" for j in range(n_skip) if late is not None and late(j))
+    cfg = getattr(target, "config", None)
+    late = range(cfg.n_skip_layers) if isinstance(cfg, EncoderDecoderConfig) else range(0)
+    new_gates = tuple(f"aucs.{j}" for j in late if cfg.is_late_skip(j))  # type: ignore[union-attr]
     return _zero_padded(state_dict, target, no_smaller, "widen", "widened", new_gates)

@@ -19,6 +19,7 @@ from training.checkpoints import ema_generator_from_checkpoint, read_training_ch
 from training.cli import main as cli
 from training.config import TrainConfig
 from training.data import CachedFaces, DatasetError, prepare_cache, read_index, sample_targets
+from training.losses import GeneratorPass
 from training.metrics import to_uint8
 from training.trainer import Trainer
 
@@ -453,6 +454,30 @@ def test_a_mugan_with_more_skip_levels_starts_from_its_parent_with_the_same_outp
         dataclasses.replace(get_preset("stgan-tiny")[1], n_skip_conv_layers=1)
 
 
+def _generator_loss(
+    trainer: Trainer,
+    g_pass: GeneratorPass,
+    x_real: torch.Tensor,
+    c_src: torch.Tensor,
+    c_trg: torch.Tensor,
+    cfg: TrainConfig,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """G's loss on ``g_pass`` with the trainer's networks and maps (as its train step computes it)."""
+    from training import losses
+
+    return losses.generator_loss(
+        g_pass,
+        trainer.D,
+        x_real,
+        c_src,
+        c_trg,
+        cfg,
+        background_weight=trainer.background_weight,
+        mask_weight_map=trainer.mask_weight_map,
+        autocast=trainer._autocast,
+    )
+
+
 def _two_pass_step(trainer: Trainer) -> None:
     """The step as it was before the generator pass was shared: D learns from a no-grad edit of its
     own, then G's loss runs the generator again (the reference the shared pass must equal)."""
@@ -487,17 +512,7 @@ def _two_pass_step(trainer: Trainer) -> None:
     trainer.opt_D.step()
     trainer.D.requires_grad_(False)
     g_pass = losses.generator_pass(trainer.G, x_real, cond, cond_rec, trainer._autocast)
-    g_loss, _ = losses.generator_loss(
-        g_pass,
-        trainer.D,
-        x_real,
-        c_src,
-        c_trg,
-        cfg,
-        background_weight=trainer.background_weight,
-        mask_weight_map=trainer.mask_weight_map,
-        autocast=trainer._autocast,
-    )
+    g_loss, _ = _generator_loss(trainer, g_pass, x_real, c_src, c_trg, cfg)
     trainer.opt_G.zero_grad(set_to_none=True)
     g_loss.backward()
     trainer.opt_G.step()
@@ -685,17 +700,7 @@ def test_generator_loss_pushes_the_zero_difference_mask_shut_only_when_asked(
     assert g_pass.mask_rec is not None
 
     def g_loss(config: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
-        return losses.generator_loss(
-            g_pass,
-            trainer.D,
-            x_real,
-            c_src,
-            c_trg,
-            config,
-            background_weight=trainer.background_weight,
-            mask_weight_map=trainer.mask_weight_map,
-            autocast=trainer._autocast,
-        )
+        return _generator_loss(trainer, g_pass, x_real, c_src, c_trg, config)
 
     base, logs = g_loss(cfg)
     assert logs["mask_rec_mean"] == pytest.approx(g_pass.mask_rec.mean().item(), rel=1e-6)

@@ -12,13 +12,15 @@ encode / decode calls (an edit and a reconstruction per batch, as in a training 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from models.attributes import condition_vector
-from models.generators import AttributeGenerator, Encoded
+from models.generators import AttributeGenerator
+from training.losses import generator_pass
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # x_real, cond (the edit), cond_rec (zero difference)
 
@@ -48,12 +50,7 @@ def recompute_batchnorm(generator: AttributeGenerator, batches: Iterable[Batch],
     n = 0
     try:
         for x_real, cond, cond_rec in batches:
-            encoded = generator.encode(x_real)
-            if joint:
-                generator.decode_parts(Encoded.cat([encoded, encoded]), torch.cat([cond, cond_rec]))
-            else:
-                generator.decode(encoded, cond)
-                generator.decode_parts(encoded, cond_rec)
+            generator_pass(generator, x_real, cond, cond_rec, contextlib.nullcontext, joint)
             n += 1
     finally:
         for m, momentum in zip(layers, momenta, strict=True):
