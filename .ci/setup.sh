@@ -11,6 +11,12 @@ VPY=.venv/bin/python
 stamp=.venv/.setup-stamp
 want="$(sha256sum pyproject.toml .ci/setup.sh | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  # torch 2.14.1 for x86_64 is a CUDA build: about 6.5 GB in .venv. Say so before pip runs out of disk.
+  free_kb=$(df -Pk . | awk 'NR==2 {print $4}')
+  if [ "${free_kb:-0}" -lt $((7 * 1024 * 1024)) ]; then
+    echo "setup.sh: only $((free_kb / 1024)) MB free on $(df -P . | awk 'NR==2 {print $6}'); the venv needs about 7 GB" >&2
+    df -h . /tmp >&2 || true
+  fi
   "$VPY" -m pip install -q --upgrade pip
   # torch/torchvision are pinned here (pip takes them from the machine's disk where available).
   "$VPY" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
