@@ -631,6 +631,72 @@ def test_validation_sees_the_ema_generator_with_its_own_batchnorm_statistics(
     torch.testing.assert_close(batchnorm_layers(off.G_ema)[0].running_mean, batchnorm_layers(off.G)[0].running_mean)
 
 
+@pytest.mark.parametrize("preset", ["stgan-tiny", "mugan-tiny"])
+def test_frozen_batchnorm_trains_the_function_inference_serves(
+    prepared_cache: Path, tmp_path: Path, preset: str
+) -> None:
+    from contextlib import nullcontext
+
+    from training import losses
+    from training.batchnorm import batchnorm_layers
+
+    cfg = tiny_config(prepared_cache, tmp_path, preset=preset, freeze_batchnorm=True, ema_bn_batches=2)
+    trainer = Trainer(cfg, tmp_path / "run")
+    layers = batchnorm_layers(trainer.G)
+    initial = layers[-1].running_mean.clone()  # a decoder layer, fresh: zeros
+    trainer.train_step()
+    assert trainer.batchnorm_frozen
+    fixed = [m.running_mean.clone() for m in layers]
+    assert not torch.equal(fixed[-1], initial)  # re-estimated from G's own passes when the freeze began
+    for name, t in trainer.G.state_dict().items():  # G_ema restarted from G, then moved by one EMA step
+        if "running" in name:
+            torch.testing.assert_close(trainer.G_ema.state_dict()[name], t, msg=name)
+    trainer.train_step()
+    trainer.train_step()
+    assert all(torch.equal(m.running_mean, f) for m, f in zip(layers, fixed, strict=True))  # never updated
+    assert trainer.recompute_ema_batchnorm() == 0  # validation keeps them too
+    assert all(not m.training for m in layers) and trainer.G.training
+
+    # a face's training-mode edit does not depend on the other faces of its batch, and equals eval mode's
+    x_real, c_src, c_trg = trainer._batch(7, torch.Generator().manual_seed(0))
+    cond, cond_rec = trainer._conditions(c_src, c_trg, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        whole = losses.generator_pass(trainer.G, x_real, cond, cond_rec, nullcontext, True)
+        alone = losses.generator_pass(trainer.G, x_real[:1], cond[:1], cond_rec[:1], nullcontext, True)
+        served = copy.deepcopy(trainer.G).eval().decode(trainer.G.encode(x_real), cond)[0]
+    torch.testing.assert_close(alone.x_fake, whole.x_fake[:1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(served, whole.x_fake, rtol=1e-4, atol=1e-5)
+
+    # a resumed run keeps the statistics it trained with: the freeze is not started again
+    trainer.save_checkpoint()
+    resumed = Trainer(cfg, tmp_path / "run")
+    resumed.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.safetensors")
+    assert resumed.batchnorm_frozen
+    resumed.train_step()
+    assert all(torch.equal(m.running_mean, f) for m, f in zip(batchnorm_layers(resumed.G), fixed, strict=True))
+
+
+def test_recompute_bn_refuses_a_release_trained_with_frozen_statistics(prepared_cache: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    sets = tiny_sets(prepared_cache, tmp_path, "freeze_batchnorm=true", "ema_bn_batches=2")
+    cli(["train", "--preset", "stgan-tiny", "--run", str(run), "--max-steps", "1", *sets])
+    cli(
+        [
+            "export",
+            "--run",
+            str(run),
+            "--out",
+            str(tmp_path / "release"),
+            "--checkpoint",
+            "last",
+            "--cache-dir",
+            str(prepared_cache),
+        ]
+    )
+    with pytest.raises(SystemExit, match="fixed"):
+        cli(["recompute-bn", "--model", str(tmp_path / "release"), "--cache-dir", str(prepared_cache)])
+
+
 def test_fake_attribute_loss_pushes_only_the_changed_attributes_towards_the_source() -> None:
     from training.losses import fake_attribute_bce
 

@@ -29,6 +29,15 @@ def batchnorm_layers(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]
     return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
+def freeze_batchnorm(module: nn.Module) -> int:
+    """Put every BatchNorm layer of ``module`` in eval mode (fixed running statistics, not updated),
+    leaving the rest of it as it is; returns how many. ``module.train()`` undoes it."""
+    layers = batchnorm_layers(module)
+    for m in layers:
+        m.eval()
+    return len(layers)
+
+
 @torch.no_grad()
 def recompute_batchnorm(generator: AttributeGenerator, batches: Iterable[Batch], joint: bool = True) -> int:
     """Replace every BatchNorm layer's running statistics by their plain average over ``batches``

@@ -85,6 +85,17 @@ class TrainConfig:
     #: normalises them in training as it does at inference. False: two decodes, as every run before
     #: 2026-11-30 did (one resumed from then switches unless given ``--set joint_decode=false``).
     joint_decode: bool = True
+    #: G's BatchNorm layers run with fixed statistics in training (eval mode; their scale and shift still
+    #: learn), so a face's edit no longer depends on the other faces of its batch and training computes
+    #: exactly what inference serves. When the freeze starts (a new run, or a resumed one not frozen
+    #: before) the statistics are re-estimated once from G's own training passes and G_ema restarts as
+    #: a copy of G (an average of weights normalised another way would mix two functions); validation
+    #: then keeps them. For the late phase of a run: MU-GAN v4's live G at step 12753 edited val faces
+    #: 5.9 levels differently (max 240) in training mode than in eval mode, joint decode or not.
+    #: Lower ``lr_g`` with it: Adam's moments were estimated through BatchNorm's normalisation, and
+    #: without it the same step size is far larger in effect (MU-GAN v4, one-off, 3 steps after the
+    #: freeze: raw reconstruction L1 0.052 -> 0.11 at 2e-4; 0.052 -> 0.041 at 2e-5).
+    freeze_batchnorm: bool = False
     ema_decay: float = 0.999
     #: Before each validation (and so in every ``best`` checkpoint) the EMA generator's BatchNorm
     #: statistics are re-estimated from its own activations on this many training batches

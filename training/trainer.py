@@ -37,7 +37,7 @@ from models.config import config_to_dict
 from models.generators import convert_upsampling, grow_state_dict, widen_state_dict
 from models.precision import autocast, describe_cpu_bf16, resolve_precision
 from training import distributed, losses
-from training.batchnorm import Batch, batchnorm_layers, recompute_batchnorm
+from training.batchnorm import Batch, batchnorm_layers, freeze_batchnorm, recompute_batchnorm
 from training.checkpoints import load_networks, load_optimizers, read_training_checkpoint, write_training_checkpoint
 from training.config import TrainConfig
 from training.data import CachedFaces, DatasetError, StepSampler, sample_targets, step_generator
@@ -103,6 +103,7 @@ class Trainer:
         self.images_seen = 0
         self.best_score = -math.inf
         self.best_metrics: dict[str, Any] = {}
+        self.batchnorm_frozen = False  # cfg.freeze_batchnorm: set once the statistics are fixed
         self.classifier, self.classifier_attributes = self._load_classifier()
         self.writer = None
         self._realism_inputs: Any = None  # training.realism.RealismInputs, built at the first probe
@@ -161,22 +162,37 @@ class Trainer:
         training batches drawn as training steps draw them (:mod:`training.batchnorm`). Every rank
         runs it on its slice (SyncBatchNorm averages across ranks). Returns the batches used."""
         n = self.cfg.ema_bn_batches
-        if n <= 0 or not batchnorm_layers(self.G_ema):
-            return 0
-
-        def batches() -> Iterator[Batch]:
-            for i in range(n):
-                gen = step_generator(self.cfg.seed, self.step, salt=1_000 + i)
-                x_real, c_src, c_trg = self._batch(self.step + i, gen)
-                yield (x_real, *self._conditions(c_src, c_trg, gen))
-
+        if n <= 0 or self.batchnorm_frozen or not batchnorm_layers(self.G_ema):
+            return 0  # frozen: G_ema keeps the statistics G trains with
         with torch.no_grad(), self._autocast():
-            return recompute_batchnorm(self.G_ema, batches(), joint=self.cfg.joint_decode)
+            return recompute_batchnorm(self.G_ema, self._bn_batches(n), joint=self.cfg.joint_decode)
+
+    def _bn_batches(self, n: int) -> Iterator[Batch]:
+        """``n`` training batches drawn as training steps draw them, a function of the step."""
+        for i in range(n):
+            gen = step_generator(self.cfg.seed, self.step, salt=1_000 + i)
+            x_real, c_src, c_trg = self._batch(self.step + i, gen)
+            yield (x_real, *self._conditions(c_src, c_trg, gen))
+
+    def start_batchnorm_freeze(self) -> None:
+        """``freeze_batchnorm``: re-estimate G's statistics from its own training passes (as many
+        batches as ``ema_bn_batches``, at least 8), fix them, and restart G_ema as a copy of G."""
+        n = max(self.cfg.ema_bn_batches, 8)
+        if batchnorm_layers(self.G):
+            with torch.no_grad(), self._autocast():
+                recompute_batchnorm(self.G, self._bn_batches(n), joint=self.cfg.joint_decode)
+        self.G_ema.load_state_dict(self.G.state_dict())
+        self.batchnorm_frozen = True
+        log.info("BatchNorm statistics of G fixed at step %d (%d batches); G_ema restarts from G", self.step, n)
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict[str, float]:
         cfg, step = self.cfg, self.step
         self._set_lr()
+        if cfg.freeze_batchnorm:
+            if not self.batchnorm_frozen:
+                self.start_batchnorm_freeze()
+            freeze_batchnorm(self.G)  # idempotent; recompute_batchnorm restores train mode
         gen = step_generator(cfg.seed, step)
         x_real, c_src, c_trg = self._batch(step, gen)
         cond, cond_rec = self._conditions(c_src, c_trg, gen)
@@ -244,7 +260,7 @@ class Trainer:
         for p_ema, p in zip(self.G_ema.parameters(), self.G.parameters(), strict=True):
             p_ema.lerp_(p, 1 - decay)
         for b_ema, b in zip(self.G_ema.buffers(), self.G.buffers(), strict=True):
-            if self.cfg.ema_bn_batches > 0 and b.is_floating_point():
+            if self.cfg.ema_bn_batches > 0 and not self.batchnorm_frozen and b.is_floating_point():
                 b_ema.lerp_(b, 1 - decay)  # statistics re-estimated at validation drift as the weights do
             else:
                 b_ema.copy_(b)
@@ -267,6 +283,7 @@ class Trainer:
             "images_seen": str(self.images_seen),
             "best_score": repr(self.best_score),
             "best_metrics": json.dumps(self.best_metrics),
+            "batchnorm_frozen": "1" if self.batchnorm_frozen else "0",
         }
         return write_training_checkpoint(path, self._networks(), self._optimizers(), metadata)
 
@@ -312,6 +329,7 @@ class Trainer:
         tensors, meta = self._load_networks(path)
         load_optimizers(tensors, meta, self._optimizers(), self.memory_format)
         self.best_metrics = json.loads(meta.get("best_metrics", "{}"))
+        self.batchnorm_frozen = meta.get("batchnorm_frozen") == "1"
         # re-scored, so a run resumed under a changed selection rule compares like with like
         self.best_score = selection_score(self.best_metrics) if self.best_metrics else float(meta["best_score"])
 
