@@ -314,6 +314,7 @@ def widen_state_dict(
         return all(h <= w for h, w in zip(have, want, strict=True))
 
     cfg = getattr(target, "config", None)
-    late = range(cfg.n_skip_layers) if isinstance(cfg, EncoderDecoderConfig) else range(0)
-    new_gates = tuple(f"aucs.{j}" for j in late if cfg.is_late_skip(j))  # type: ignore[union-attr]
+    new_gates: tuple[str, ...] = ()
+    if isinstance(cfg, EncoderDecoderConfig):
+        new_gates = tuple(f"aucs.{j}" for j in range(cfg.n_skip_layers) if cfg.is_late_skip(j))
     return _zero_padded(state_dict, target, no_smaller, "widen", "widened", new_gates)

@@ -676,7 +676,10 @@ def test_frozen_batchnorm_trains_the_function_inference_serves(
     assert all(torch.equal(m.running_mean, f) for m, f in zip(batchnorm_layers(resumed.G), fixed, strict=True))
 
 
-def test_recompute_bn_refuses_a_release_trained_with_frozen_statistics(prepared_cache: Path, tmp_path: Path) -> None:
+def test_a_release_trained_with_frozen_statistics_keeps_them(prepared_cache: Path, tmp_path: Path) -> None:
+    """recompute-bn refuses it, and a frozen run warm-started from it trains with its statistics."""
+    from models.checkpoint import WEIGHTS_FILE, read_tensors
+
     run = tmp_path / "run"
     sets = tiny_sets(prepared_cache, tmp_path, "freeze_batchnorm=true", "ema_bn_batches=2")
     cli(["train", "--preset", "stgan-tiny", "--run", str(run), "--max-steps", "1", *sets])
@@ -695,6 +698,16 @@ def test_recompute_bn_refuses_a_release_trained_with_frozen_statistics(prepared_
     )
     with pytest.raises(SystemExit, match="fixed"):
         cli(["recompute-bn", "--model", str(tmp_path / "release"), "--cache-dir", str(prepared_cache)])
+
+    release_tensors = read_tensors(tmp_path / "release" / WEIGHTS_FILE)
+    released = {k: v.float() for k, v in release_tensors.items() if "running_mean" in k}
+    child = Trainer(tiny_config(prepared_cache, tmp_path, freeze_batchnorm=True, ema_bn_batches=2), tmp_path / "child")
+    child.init_from(tmp_path / "release")
+    child.train_step()
+    assert child.batchnorm_frozen and released
+    for name, t in child.G.state_dict().items():
+        if "running_mean" in name:
+            torch.testing.assert_close(t, released[name], msg=name)
 
 
 def test_fake_attribute_loss_pushes_only_the_changed_attributes_towards_the_source() -> None:

@@ -90,8 +90,9 @@ class TrainConfig:
     #: exactly what inference serves. When the freeze starts (a new run, or a resumed one not frozen
     #: before) the statistics are re-estimated once from G's own training passes and G_ema restarts as
     #: a copy of G (an average of weights normalised another way would mix two functions); validation
-    #: then keeps them. For the late phase of a run: MU-GAN v4's live G at step 12753 edited val faces
-    #: 5.9 levels differently (max 240) in training mode than in eval mode, joint decode or not.
+    #: then keeps them. A run warm-started from a release trained this way keeps the release's.
+    #: For the late phase of a run: MU-GAN v4's live G at step 12753 edited val faces 5.9 levels
+    #: differently (max 240) in training mode than in eval mode, joint decode or not.
     #: Lower ``lr_g`` with it: Adam's moments were estimated through BatchNorm's normalisation, and
     #: without it the same step size is far larger in effect (MU-GAN v4, one-off, 3 steps after the
     #: freeze: raw reconstruction L1 0.052 -> 0.11 at 2e-4; 0.052 -> 0.041 at 2e-5).

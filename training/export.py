@@ -208,6 +208,11 @@ def recompute_release_batchnorm(
     gen = gen.float()
     doc = read_config(model)
     recipe = (doc.get("training") or {}).get("train_config") or {}
+    if recipe.get("freeze_batchnorm"):
+        raise SystemExit(
+            f"{model} was trained with its BatchNorm statistics fixed (freeze_batchnorm): they are part of "
+            "what it learned, and re-estimating them would change its edits"
+        )
     attributes = tuple(gen.config.attributes)
     faces = CachedFaces(cache_dir, "train", attributes)
     rng = torch.Generator().manual_seed(seed)
@@ -220,11 +225,6 @@ def recompute_release_batchnorm(
     groups = exclusive_groups_for(list(attributes))
     c_trg = sample_targets(c_src, rng, groups, float(recipe.get("single_flip_fraction", 0.5)), weights)
     scale = 1.0 + (float(recipe.get("diff_scale_max", 1.0)) - 1.0) * torch.rand(len(idx), 1, generator=rng)
-    if recipe.get("freeze_batchnorm"):
-        raise SystemExit(
-            f"{model} was trained with its BatchNorm statistics fixed (freeze_batchnorm): they are part of "
-            "what it learned, and re-estimating them would change its edits"
-        )
     joint = bool(recipe.get("joint_decode", False))  # releases trained before it decoded apart
     n = recompute_batchnorm(gen, edit_batches(gen, x, c_src, c_trg, batch_size, scale), joint)  # type: ignore[arg-type]
     if n == 0:

@@ -397,6 +397,10 @@ class Trainer:
         else:
             log.warning("%s has no discriminator: D starts from scratch (--fresh-discriminator)", folder)
         training = doc.get("training") or {}
+        if self.cfg.freeze_batchnorm and (training.get("train_config") or {}).get("freeze_batchnorm"):
+            # the release's statistics are the fixed ones its weights learned with: keep them
+            self.batchnorm_frozen = True
+            log.info("%s was trained with fixed BatchNorm statistics: this run keeps them", folder)
         self.step = int(training.get("steps") or 0)
         self.images_seen = int(training.get("images_seen") or 0)
         self.elapsed = float(training.get("wall_hours") or 0.0) * 3600
