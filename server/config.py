@@ -55,6 +55,11 @@ class Settings(BaseSettings):
     micro_batch_wait_ms: float = Field(5.0, description="how long a decoder call waits for others to join it")
     cache_size: int = Field(16, description="photos whose decoded pixels and encoder features are kept (LRU)")
     cpu_threads: int = Field(0, description="torch intra-op threads (0: torch's default)")
+    retain_freed_mb: int = Field(
+        1024,
+        description="glibc keeps freed blocks up to this size for reuse instead of returning them to the OS, so "
+        "photo-sized tensors are not page-faulted in on every request (server/memory.py; 0: glibc's default)",
+    )
     host: str = "127.0.0.1"
     port: int = 8000
     admin_token: str | None = Field(None, description="enables POST /v1/models/reload when set")

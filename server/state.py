@@ -15,6 +15,7 @@ from server.compiled import compile_in_background, should_compile
 from server.compute import ComputePool
 from server.config import Settings
 from server.faces import FaceDetector
+from server.memory import retain_freed_memory
 from server.served_models import ModelRegistry
 from server.service import EditService
 
@@ -109,4 +110,6 @@ class AppState:
 def create_state(settings: Settings) -> AppState:
     if settings.cpu_threads > 0:
         torch.set_num_threads(settings.cpu_threads)
+    if settings.retain_freed_mb > 0:
+        retain_freed_memory(settings.retain_freed_mb << 20)
     return AppState(settings, pick_device(settings.device))

@@ -147,6 +147,35 @@ def test_affine_grid_equals_torchs(h: int, w: int) -> None:
     torch.testing.assert_close(affine_grid(theta, h, w), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rows, threads", [(64, 2), (128, 2), (129, 2), (301, 3), (200, 1)])
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflection"])
+def test_grid_sample_by_rows_equals_one_grid_sample(rows: int, threads: int, padding_mode: str) -> None:
+    from server.faces import affine_grid, grid_sample_rows
+
+    g = torch.Generator().manual_seed(rows)
+    image = torch.randn(1, 4, 40, 50, generator=g)
+    grid = affine_grid(torch.tensor([[[0.9, 0.3, 0.1], [-0.3, 0.9, -0.2]]]), rows, 37)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = grid_sample_rows(image, grid, padding_mode)
+    finally:
+        torch.set_num_threads(before)
+    expected = torch.nn.functional.grid_sample(image, grid, padding_mode=padding_mode, align_corners=False)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+
+
+def test_retaining_freed_memory_is_accepted_by_glibc() -> None:
+    import platform
+
+    from server.memory import retain_freed_memory
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert retain_freed_memory(256 << 20)
+
+
 def test_compose_with_overlay_equals_compose_then_tint() -> None:
     """The one-pass paste + tint gives the pixels of ``compose`` followed by ``tint_overlay``, with two
     overlapping faces (the combined mask is their maximum) and nothing outside their box touched."""
