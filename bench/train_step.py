@@ -23,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import machine, precisions, table
+from models.memory import retain_freed_memory
 from training.config import TrainConfig
 from training.data import prepare_cache
 from training.synthetic import make_celeba_folder
@@ -57,6 +58,7 @@ def peak_flops(dtype: torch.dtype) -> tuple[float, float]:
 
 
 def run(steps: int, batch: int) -> str:
+    retain_freed_memory(1 << 30)  # as the training CLI does
     rows = []
     timed = precisions()
     peak_dtype = "bf16" if "bf16" in timed else "fp32"

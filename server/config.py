@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     retain_freed_mb: int = Field(
         1024,
         description="glibc keeps freed blocks up to this size for reuse instead of returning them to the OS, so "
-        "photo-sized tensors are not page-faulted in on every request (server/memory.py; 0: glibc's default)",
+        "photo-sized tensors are not page-faulted in on every request (models/memory.py; 0: glibc's default)",
     )
     host: str = "127.0.0.1"
     port: int = 8000

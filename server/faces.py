@@ -242,7 +242,7 @@ def grid_sample_rows(image: torch.Tensor, grid: torch.Tensor, padding_mode: str)
     (1, C, h, w) and one grid (1, H, W, 2), on all of torch's threads: the CPU kernel runs the entries of
     a batch in parallel but each entry on one thread, so the grid's rows are cut into one entry per thread
     (the image expanded, not copied). The same values; a 1638 x 2038 paste-back footprint took 16 ->
-    10 ms on the 2-core EPYC with avx512-bf16 (one-off timing, freed memory retained: server/memory.py)."""
+    10 ms on the 2-core EPYC with avx512-bf16 (one-off timing, freed memory retained: models/memory.py)."""
     rows, cols = grid.shape[1], grid.shape[2]
     parts = min(torch.get_num_threads(), rows // 64)
     if parts <= 1 or grid.shape[0] != 1 or image.shape[0] != 1:

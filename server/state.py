@@ -9,13 +9,13 @@ from dataclasses import dataclass, field
 import torch
 
 from models.device import pick_device
+from models.memory import retain_freed_memory
 from models.precision import device_has_bf16_units
 from server.admission import Admission
 from server.compiled import compile_in_background, should_compile
 from server.compute import ComputePool
 from server.config import Settings
 from server.faces import FaceDetector
-from server.memory import retain_freed_memory
 from server.served_models import ModelRegistry
 from server.service import EditService
 

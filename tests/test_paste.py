@@ -169,7 +169,7 @@ def test_grid_sample_by_rows_equals_one_grid_sample(rows: int, threads: int, pad
 def test_retaining_freed_memory_is_accepted_by_glibc() -> None:
     import platform
 
-    from server.memory import retain_freed_memory
+    from models.memory import retain_freed_memory
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt is glibc's")

@@ -382,8 +382,10 @@ def main(argv: list[str] | None = None) -> None:
         stream=sys.stderr,
     )
     from models.checkpoint import CheckpointError
+    from models.memory import retain_freed_memory
     from training.data import DatasetError
 
+    retain_freed_memory(1 << 30)  # large activations reused, not page-faulted in at every step
     try:
         args.func(args)
     except (DatasetError, CheckpointError) as exc:
