@@ -87,7 +87,8 @@ def test_admission_refuses_past_the_bound_and_times_out() -> None:
 
 def test_busy_service_answers_503_with_retry_after(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     weights = make_weights(tmp_path / "w")
-    app = create_app(Settings(weights_dir=weights, max_concurrent=1, max_queue=0))
+    # no background compile: its checks decode too, and would take the slow decoder's first call
+    app = create_app(Settings(weights_dir=weights, max_concurrent=1, max_queue=0, compile="off"))
     release, entered = threading.Event(), threading.Event()
     original = ServedGenerator.decode
 
@@ -97,6 +98,9 @@ def test_busy_service_answers_503_with_retry_after(tmp_path: Path, monkeypatch: 
         return original(self, *args, **kwargs)
 
     with TestClient(app) as client:
+        # the load first: on a CPU with bf16 units its precision trial decodes, and must not be the call
+        # that stalls here
+        assert client.get("/v1/models").status_code == 200
         monkeypatch.setattr(ServedGenerator, "decode", slow_decode)
         results: list[int] = []
         t = threading.Thread(target=lambda: results.append(_edit(client).status_code))
