@@ -214,3 +214,21 @@ def test_the_background_loss_sees_changes_off_the_face_only() -> None:
     corner_edit[..., :4, :4] = 1.0
     assert background_change(face_edit, x, weight)[0].item() == 0.0
     assert background_change(corner_edit, x, weight)[0].item() > 0.01
+
+
+def test_the_card_says_when_no_gain_kept_the_preservation() -> None:
+    from training.reports import calibration_table
+
+    def row(gain: float, preservation: float) -> dict:
+        return {"edit_gain": gain, "mean_edit_success": 0.8, "mean_preservation": preservation}
+
+    kept = {
+        "n_images": 10,
+        "split": "val",
+        "min_preservation": 0.92,
+        "chosen": 1.5,
+        "rows": [row(1.0, 0.95), row(1.5, 0.93)],
+    }
+    none = kept | {"chosen": 1.0, "rows": [row(1.0, 0.90), row(1.5, 0.89)]}
+    assert "fallback" not in calibration_table(kept) and "| ×1.5 ← served |" in calibration_table(kept)
+    assert "No gain kept that preservation" in calibration_table(none) and "| ×1 ← served |" in calibration_table(none)

@@ -81,9 +81,14 @@ def target_misses(metrics: dict) -> list[str]:
 
 
 def calibration_table(calibration: dict) -> str:
-    lines = [
+    rule = (
         f"Edit gain chosen on {calibration['n_images']} {calibration['split']} faces: the highest mean edit "
-        f"success with mean preservation ≥ {calibration['min_preservation']:.0%}.",
+        f"success, less the realism penalty, with mean preservation ≥ {calibration['min_preservation']:.0%}."
+    )
+    if not any(r["mean_preservation"] >= calibration["min_preservation"] for r in calibration["rows"]):
+        rule += " No gain kept that preservation, so the model serves at ×1, the rule's fallback."
+    lines = [
+        rule,
         "",
         "| edit gain | edit success | preservation | matched KID×1000 (probe) | background change, worst |",
         "|---|---|---|---|---|",
