@@ -15,7 +15,7 @@ from torch import nn
 from models.attributes import condition_vector, exclusive_groups_for
 from models.generators import AttributeGenerator
 from training.realism import realism_penalty
-from training.reports import QUALITY_TARGETS
+from training.reports import QUALITY_TARGETS, rows_keeping_preservation
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -175,7 +175,7 @@ def choose_gain(rows: list[dict], min_preservation: float) -> float:
     """The edit gain with the highest mean edit success, less the realism penalty where a row has a
     realism probe, among rows whose mean preservation is at least ``min_preservation``; the smaller
     gain on ties; 1.0 when no row qualifies."""
-    ok = [r for r in rows if r["mean_preservation"] >= min_preservation]
+    ok = rows_keeping_preservation(rows, min_preservation)
     if not ok:
         return 1.0
     best = max(ok, key=lambda r: (round(r["mean_edit_success"] - realism_penalty(r), 6), -r["edit_gain"]))

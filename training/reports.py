@@ -80,12 +80,18 @@ def target_misses(metrics: dict) -> list[str]:
     return misses
 
 
+def rows_keeping_preservation(rows: list[dict], min_preservation: float) -> list[dict]:
+    """The calibration rows whose mean preservation is at least ``min_preservation`` (the gains
+    ``training.metrics.choose_gain`` may pick)."""
+    return [r for r in rows if r["mean_preservation"] >= min_preservation]
+
+
 def calibration_table(calibration: dict) -> str:
     rule = (
         f"Edit gain chosen on {calibration['n_images']} {calibration['split']} faces: the highest mean edit "
         f"success, less the realism penalty, with mean preservation ≥ {calibration['min_preservation']:.0%}."
     )
-    if not any(r["mean_preservation"] >= calibration["min_preservation"] for r in calibration["rows"]):
+    if not rows_keeping_preservation(calibration["rows"], calibration["min_preservation"]):
         rule += " No gain kept that preservation, so the model serves at ×1, the rule's fallback."
     lines = [
         rule,
