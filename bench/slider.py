@@ -2,8 +2,8 @@
 
 p50 / p95 per served model: fp32 in NCHW and in channels_last, bf16 autocast (channels_last) where the
 CPU has bf16 units, and the max |bf16 - fp32| of the output image; with ``--compiled``, also the
-decoder the server compiles in the background (server/compiled.py; fp32 in the faster layout; tens of
-seconds of compiling per model first).
+decoder the server compiles in the background (server/compiled.py; fp32 in the faster layout, and bf16
+in channels_last where the CPU has bf16 units; tens of seconds of compiling per model first).
 Run: ``python bench/slider.py [--weights weights] [--repeats 200] [--compiled]``.
 """
 
@@ -23,12 +23,16 @@ from bench.common import machine, precisions, summary, table, time_ms
 from models.checkpoint import CONFIG_FILE, load_pretrained
 
 
-def compiled_row(name: str, net: torch.nn.Module, info: Any, layout: torch.memory_format, repeats: int) -> list:
-    """The server's compiled decoder (built, checked against eager) timed like the other rows."""
+def compiled_row(
+    name: str, net: torch.nn.Module, info: Any, layout: torch.memory_format, repeats: int, precision: str = "fp32"
+) -> list:
+    """The server's compiled decoder (built, checked against eager fp32) timed like the other rows."""
     from server.compiled import build_compiled_decoder
     from server.served_models import ServedGenerator
 
-    served = ServedGenerator(name, info, net.to(memory_format=layout), torch.device("cpu"), memory_format=layout)
+    served = ServedGenerator(
+        name, info, net.to(memory_format=layout), torch.device("cpu"), precision=precision, memory_format=layout
+    )
     t0 = time.perf_counter()
     decode = build_compiled_decoder(served)
     compile_s = time.perf_counter() - t0
@@ -38,12 +42,13 @@ def compiled_row(name: str, net: torch.nn.Module, info: Any, layout: torch.memor
     enc = served.encode(x)
 
     def step() -> None:
-        with torch.no_grad():
+        with torch.no_grad(), served.autocast():
             decode(enc, cond)
 
     p50, p95 = summary(time_ms(step, repeats))
     layout_name = "channels_last" if layout == torch.channels_last else "contiguous"
-    return [name, f"fp32, {layout_name}, compiled", p50, p95, f"compiled in {compile_s:.0f} s (in the background)"]
+    note = f"compiled in {compile_s:.0f} s (in the background)"
+    return [name, f"{precision}, {layout_name}, compiled", p50, p95, note]
 
 
 def run(weights: Path, repeats: int, compiled: bool = False) -> str:
@@ -65,17 +70,22 @@ def run(weights: Path, repeats: int, compiled: bool = False) -> str:
             trials.append(("bf16", torch.channels_last))
         for precision, layout in trials:
             net = net.to(memory_format=layout)
-            amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
-            with torch.no_grad(), amp:
+
+            def amp(precision: str = precision) -> torch.autocast:
+                # a fresh context each time: re-entering one torch.autocast object inside itself
+                # leaves autocast on when the outer block exits (this bench's later rows ran in bf16)
+                return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+            with torch.no_grad(), amp():
                 enc = net.encode(x.contiguous(memory_format=layout))
 
-                def step(enc=enc, amp=amp, net=net, cond=cond) -> None:
-                    with torch.no_grad(), amp:
-                        net.decode(enc, cond)
+            def step(enc: Any = enc, amp: Any = amp, net: Any = net, cond: torch.Tensor = cond) -> None:
+                with torch.no_grad(), amp():
+                    net.decode(enc, cond)
 
-                ms = time_ms(step, repeats)
-                with torch.no_grad(), amp:
-                    outs[precision] = net.decode(enc, cond)[0].float()
+            ms = time_ms(step, repeats)
+            with torch.no_grad(), amp():
+                outs[precision] = net.decode(enc, cond)[0].float()
             p50, p95 = summary(ms)
             medians[(precision, layout)] = p50
             name = "channels_last" if layout == torch.channels_last else "contiguous"
@@ -90,6 +100,8 @@ def run(weights: Path, repeats: int, compiled: bool = False) -> str:
             rows[-1][4] = "bf16 not timed: no bf16 units"
         if compiled:
             rows.append(compiled_row(folder.name, net.float(), info, fp32_layout, repeats))
+            if "bf16" in outs:  # what the server compiles where its precision trial picks bf16
+                rows.append(compiled_row(folder.name, net.float(), info, torch.channels_last, repeats, "bf16"))
     header = ["model", "precision, layout", "p50 ms", "p95 ms", "bf16 vs fp32 / compiled"]
     return f"### Slider move (decoder only, batch 1)\n\n{machine()}\n\n" + table(header, rows) + "\n"
 

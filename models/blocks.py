@@ -77,6 +77,7 @@ class ResizeConv(nn.Module):
         conv = nn.Conv2d(in_ch, out_ch, 3, 1, 1, bias=bias)  # for its default initialisation
         self.weight = conv.weight
         self.bias = conv.bias
+        self._kernel_cache: tuple[tuple[object, ...], torch.Tensor] | None = None
 
     def transposed_kernel(self) -> torch.Tensor:
         taps = _RESIZE_TAPS.to(self.weight)
@@ -85,7 +86,18 @@ class ResizeConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.pad(x, (1, 1, 1, 1), mode="replicate")
-        return F.conv_transpose2d(x, self.transposed_kernel().to(x.dtype), self._bias(x), stride=2, padding=3)
+        return F.conv_transpose2d(x, self._kernel_for(x), self._bias(x), stride=2, padding=3)
+
+    def _kernel_for(self, x: torch.Tensor) -> torch.Tensor:
+        """The 4×4 kernel in ``x``'s dtype. Without autograd (serving, validation) it is kept until the
+        weight changes: recomputing it (an einsum and its copies) took 45 % of a batch-1 STGAN decode."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self.transposed_kernel().to(x.dtype)
+        w = self.weight
+        key = (w._version, w.data_ptr(), w.device, x.dtype, torch.is_autocast_enabled(x.device.type))
+        if self._kernel_cache is None or self._kernel_cache[0] != key:
+            self._kernel_cache = (key, self.transposed_kernel().to(x.dtype))
+        return self._kernel_cache[1]
 
     def _bias(self, x: torch.Tensor) -> torch.Tensor | None:
         return None if self.bias is None else self.bias.to(x.dtype)

@@ -31,6 +31,7 @@ class ServedGenerator:
     device: torch.device
     precision: str = "fp32"
     bf16_max_abs_diff: float | None = None
+    bf16_tolerance: float = 0.08  # largest |bf16 - fp32| of an output image accepted (choose_precision)
     speedup_bf16: float | None = None
     batcher: MicroBatcher | None = None
     memory_format: torch.memory_format = torch.channels_last
@@ -204,6 +205,7 @@ def choose_precision(served: ServedGenerator, precision: str, tolerance: float) 
     without a trial: there bf16 is emulated, one decode took 3 s instead of 74 ms, and the trial
     alone cost 17 s of start-up per model.
     """
+    served.bf16_tolerance = tolerance
     if precision == "fp32" or served.device.type not in ("cpu", "cuda"):
         return
     if precision == "auto" and not device_has_bf16_units(served.device):

@@ -116,3 +116,21 @@ def test_compiles_wait_until_the_service_has_been_idle_for_a_while(
     current[0] = False
     thread.join(timeout=30)
     assert started == [] and registry.generators["stgan"].compile_report["state"].startswith("skipped")
+
+
+@pytest.mark.skipif(not has_cxx_compiler(), reason="inductor's CPU backend needs a C++ compiler")
+def test_a_bf16_model_compiles_in_bf16_and_is_held_to_its_bf16_tolerance_against_fp32(tmp_path: Path) -> None:
+    import server.compiled as compiled
+
+    served = _registry(tmp_path).generators["stgan"]
+    served.precision = "bf16"  # as the precision trial picks on a CPU with bf16 units
+    served.bf16_tolerance = 1e-6  # no bf16 decoder gets this close to fp32
+    with pytest.raises(RuntimeError, match="differs from eager fp32"):
+        compiled.build_compiled_decoder(served)
+    served.bf16_tolerance = 0.08
+    decode = compiled.build_compiled_decoder(served)
+    x = torch.rand(2, 3, served.info.image_size, served.info.image_size) * 2 - 1
+    cond = torch.ones(2, len(served.info.attributes))
+    with torch.no_grad(), served.autocast():
+        out, _ = decode(served.encode(x), cond)
+    assert out.dtype == torch.bfloat16  # it runs in bf16, not in fp32
