@@ -89,15 +89,21 @@ class ResizeConv(nn.Module):
         return F.conv_transpose2d(x, self._kernel_for(x), self._bias(x), stride=2, padding=3)
 
     def _kernel_for(self, x: torch.Tensor) -> torch.Tensor:
-        """The 4×4 kernel in ``x``'s dtype. Without autograd (serving, validation) it is kept until the
-        weight changes: recomputing it (an einsum and its copies) took 45 % of a batch-1 STGAN decode."""
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        """The 4×4 kernel in ``x``'s dtype. In eval mode without autograd (serving, evaluation) it is kept
+        until the weight changes: recomputing it (an einsum and its copies) took 45 % of a batch-1 STGAN
+        decode. Never in training mode: a fused optimiser step changes the weight without bumping its
+        version counter, so the key below cannot see it; switching modes drops the kernel."""
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self.transposed_kernel().to(x.dtype)
         w = self.weight
         key = (w._version, w.data_ptr(), w.device, x.dtype, torch.is_autocast_enabled(x.device.type))
         if self._kernel_cache is None or self._kernel_cache[0] != key:
             self._kernel_cache = (key, self.transposed_kernel().to(x.dtype))
         return self._kernel_cache[1]
+
+    def train(self, mode: bool = True) -> ResizeConv:
+        self._kernel_cache = None
+        return super().train(mode)
 
     def _bias(self, x: torch.Tensor) -> torch.Tensor | None:
         return None if self.bias is None else self.bias.to(x.dtype)
