@@ -23,6 +23,11 @@ from server.faces import DEFAULT_TEMPLATE
 log = logging.getLogger(__name__)
 
 
+#: Largest |bf16 - fp32| of a model's output image (values in [-1, 1]) for which bf16 may serve it;
+#: the server's setting ``bf16_tolerance`` overrides it.
+BF16_TOLERANCE = 0.08
+
+
 @dataclass
 class ServedGenerator:
     name: str
@@ -31,7 +36,7 @@ class ServedGenerator:
     device: torch.device
     precision: str = "fp32"
     bf16_max_abs_diff: float | None = None
-    bf16_tolerance: float = 0.08  # largest |bf16 - fp32| of an output image accepted (choose_precision)
+    bf16_tolerance: float = BF16_TOLERANCE  # set by choose_precision
     speedup_bf16: float | None = None
     batcher: MicroBatcher | None = None
     memory_format: torch.memory_format = torch.channels_last
@@ -139,7 +144,7 @@ class ModelRegistry:
         device: torch.device,
         default: str | None = None,
         precision: str = "auto",
-        bf16_tolerance: float = 0.08,
+        bf16_tolerance: float = BF16_TOLERANCE,
         micro_batch: int = 8,
         micro_batch_wait_ms: float = 5.0,
         layout: str = "auto",
