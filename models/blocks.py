@@ -78,6 +78,16 @@ class ResizeConv(nn.Module):
         self.weight = conv.weight
         self.bias = conv.bias
         self._kernel_cache: tuple[tuple[object, ...], torch.Tensor] | None = None
+        #: The 4×4 kernel as a constant for a compiled decoder (:meth:`bake_kernel`); None otherwise.
+        self._baked_kernel: torch.Tensor | None = None
+
+    def bake_kernel(self) -> None:
+        """Keep the 4×4 kernel of the current weight for a decoder about to be compiled with inductor's
+        freezing (server/compiled.py). Traced, :meth:`_kernel_for` would recompute it in the graph: the
+        einsum was not folded away (two bmm per layer, a third of the compiled STGAN decode) and the
+        transposed conv, fed a computed kernel, was not prepacked. Dropped by train() and eval(): the
+        weight may change after that."""
+        self._baked_kernel = self.transposed_kernel().detach()
 
     def transposed_kernel(self) -> torch.Tensor:
         taps = _RESIZE_TAPS.to(self.weight)
@@ -93,6 +103,8 @@ class ResizeConv(nn.Module):
         until the weight changes: recomputing it (an einsum and its copies) took 45 % of a batch-1 STGAN
         decode. Never in training mode: a fused optimiser step changes the weight without bumping its
         version counter, so the key below cannot see it; switching modes drops the kernel."""
+        if torch.compiler.is_compiling() and self._baked_kernel is not None and not self.training:
+            return self._baked_kernel.to(x.dtype)
         if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self.transposed_kernel().to(x.dtype)
         w = self.weight
@@ -103,6 +115,7 @@ class ResizeConv(nn.Module):
 
     def train(self, mode: bool = True) -> ResizeConv:
         self._kernel_cache = None
+        self._baked_kernel = None
         return super().train(mode)
 
     def _bias(self, x: torch.Tensor) -> torch.Tensor | None:

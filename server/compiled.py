@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from models.blocks import ResizeConv
 from server.served_models import ModelRegistry, ServedGenerator
 
 log = logging.getLogger(__name__)
@@ -54,11 +55,37 @@ def _probe(served: ServedGenerator, batch: int, seed: int) -> tuple[torch.Tensor
     return x.to(served.device), cond.to(served.device)
 
 
-def tolerance(served: ServedGenerator) -> float:
-    """Largest |compiled - eager fp32| accepted: :data:`TOLERANCE` for an fp32 model; for one served
-    in bf16, the bf16 tolerance its precision trial allowed eager bf16 (a compiled bf16 decoder rounds
-    differently from the eager bf16 one, by about 1e-2, so it is held to what bf16 is allowed)."""
-    return TOLERANCE if served.precision == "fp32" else max(TOLERANCE, served.bf16_tolerance)
+def _abs_diff(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...]) -> tuple[float, float]:
+    """(max, mean) of |got - want| over the decoder's outputs (image and mask)."""
+    diffs = [(a.float() - b.float()).abs() for a, b in zip(got, want, strict=True)]
+    return max(float(d.max()) for d in diffs), max(float(d.mean()) for d in diffs)
+
+
+def disagreement(
+    served: ServedGenerator,
+    got: tuple[torch.Tensor, ...],
+    want_fp32: tuple[torch.Tensor, ...],
+    eager_same_precision: tuple[torch.Tensor, ...],
+) -> str | None:
+    """Why the compiled decoder's output ``got`` is refused, or None. ``want_fp32`` is eager fp32 (the
+    reference whatever the model serves in), ``eager_same_precision`` eager in the served precision.
+
+    fp32: within :data:`TOLERANCE` everywhere. bf16: a compiled bf16 decoder rounds differently from
+    the eager one, and its largest single-pixel difference moves with the input (MU-GAN, six random
+    probes: 0.020-0.094 compiled, 0.023-0.044 eager), so one pixel is allowed twice what the precision
+    trial allows eager bf16, and the mean difference, where a wrong graph shows, must stay within
+    twice eager bf16's on the same input."""
+    diff_max, diff_mean = _abs_diff(got, want_fp32)
+    if served.precision == "fp32":
+        return None if diff_max <= TOLERANCE else f"max {diff_max:.2e} (limit {TOLERANCE:.0e})"
+    eager_max, eager_mean = _abs_diff(eager_same_precision, want_fp32)
+    max_limit, mean_limit = 2 * served.bf16_tolerance, 2 * eager_mean + 1e-4
+    if diff_max > max_limit or diff_mean > mean_limit:
+        return (
+            f"max {diff_max:.2e} (limit {max_limit:.0e}), mean {diff_mean:.2e} (limit {mean_limit:.1e}; "
+            f"eager {served.precision}: max {eager_max:.2e}, mean {eager_mean:.2e})"
+        )
+    return None
 
 
 def _mark_batch_dynamic(encoded: Any, cond: torch.Tensor) -> None:
@@ -75,8 +102,10 @@ def build_compiled_decoder(served: ServedGenerator) -> Callable[..., tuple[torch
 
     inductor_config.freezing = True
     inductor_config.compile_threads = 1  # compile in this thread (niced), no pool of worker processes
+    for module in served.net.modules():
+        if isinstance(module, ResizeConv):
+            module.bake_kernel()
     compiled = torch.compile(served.net.decode)
-    limit = tolerance(served)
     with torch.no_grad():
         for batch, seed in ((1, 0), (3, 1)):
             x, cond = _probe(served, batch, seed)
@@ -85,13 +114,13 @@ def build_compiled_decoder(served: ServedGenerator) -> Callable[..., tuple[torch
                 _mark_batch_dynamic(encoded, cond)
             with served.autocast():
                 got = compiled(encoded, cond)
+                eager = served.net.decode(encoded, cond)
             # the reference is eager fp32, whatever precision the model serves in
             want = served.net.decode(served.net.encode(x.contiguous(memory_format=served.memory_format)), cond)
-            diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(got, want, strict=True))
-            if diff > limit:
+            why = disagreement(served, got, want, eager)
+            if why is not None:
                 raise RuntimeError(
-                    f"compiled {served.precision} decoder differs from eager fp32 by {diff:.2e} "
-                    f"(limit {limit:.0e}) at batch {batch}"
+                    f"compiled {served.precision} decoder differs from eager fp32 at batch {batch}: {why}"
                 )
     return compiled
 

@@ -134,3 +134,36 @@ def test_a_bf16_model_compiles_in_bf16_and_is_held_to_its_bf16_tolerance_against
     with torch.no_grad(), served.autocast():
         out, _ = decode(served.encode(x), cond)
     assert out.dtype == torch.bfloat16  # it runs in bf16, not in fp32
+
+
+def test_a_bf16_compiled_decoder_may_round_one_pixel_differently_but_not_the_whole_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import server.compiled as compiled
+
+    served = _registry(tmp_path).generators["stgan"]
+    served.precision, served.bf16_tolerance = "bf16", 0.08
+
+    def fake_compile(shift: float, one_pixel: bool) -> Any:
+        def decode(encoded: Any, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            image, mask = served.net.decode(encoded, cond)  # eager, in bf16 under the caller's autocast
+            image = image.clone()
+            if one_pixel:
+                image[:, 0, 3, 5] += shift
+            else:
+                image += shift
+            return image, mask
+
+        return lambda fn: decode
+
+    # one pixel off by more than eager bf16 itself is (0.1 > 0.08): a compiled graph's rounding, accepted
+    monkeypatch.setattr(torch, "compile", fake_compile(0.1, one_pixel=True))
+    compiled.build_compiled_decoder(served)
+    # every pixel a little off (max 0.03, within 0.08): a wrong graph, refused by the mean
+    monkeypatch.setattr(torch, "compile", fake_compile(0.03, one_pixel=False))
+    with pytest.raises(RuntimeError, match="mean"):
+        compiled.build_compiled_decoder(served)
+    # one pixel far off: refused by the max
+    monkeypatch.setattr(torch, "compile", fake_compile(0.5, one_pixel=True))
+    with pytest.raises(RuntimeError, match="max"):
+        compiled.build_compiled_decoder(served)

@@ -169,6 +169,34 @@ def test_resize_conv_never_serves_a_stale_kernel_after_a_fused_optimiser_step() 
             torch.testing.assert_close(layer(x), layer.reference_forward(x), atol=1e-5, rtol=1e-5)
 
 
+def test_a_baked_resize_conv_kernel_is_a_constant_of_the_compiled_graph_until_train_or_eval() -> None:
+    torch.manual_seed(0)
+    layer = ResizeConv(4, 6).eval()
+    x = torch.randn(2, 4, 5, 5)
+
+    def traced_ops() -> set[str]:
+        graphs: list[torch.fx.GraphModule] = []
+
+        def backend(gm: torch.fx.GraphModule, _: list[torch.Tensor]) -> object:
+            graphs.append(gm)
+            return gm.forward
+
+        torch._dynamo.reset()
+        with torch.no_grad():
+            got = torch.compile(layer, backend=backend)(x)
+        torch.testing.assert_close(got, layer.reference_forward(x), atol=1e-5, rtol=1e-5)
+        return {str(node.target) for gm in graphs for node in gm.graph.nodes if node.op == "call_function"}
+
+    assert any("einsum" in op for op in traced_ops())  # not baked: the kernel is computed in the graph
+    layer.bake_kernel()
+    assert not any("einsum" in op for op in traced_ops())  # baked: a constant, which freezing prepacks
+    with torch.no_grad():
+        layer.weight.mul_(-1)
+    layer.eval()  # a weight changed after baking: eval()/train() drop the baked kernel
+    assert layer._baked_kernel is None and any("einsum" in op for op in traced_ops())
+    torch._dynamo.reset()
+
+
 def test_deconv_kernels_convert_to_the_least_squares_resize_kernel() -> None:
     torch.manual_seed(0)
     resize = ResizeConv(3, 2, bias=False)

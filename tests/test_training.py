@@ -731,6 +731,32 @@ def test_fake_attribute_loss_pushes_only_the_changed_attributes_towards_the_sour
     assert zero.item() == 0.0
 
 
+def test_kept_attribute_consistency_holds_only_the_kept_attributes_to_the_input_reading() -> None:
+    from training.losses import kept_attribute_consistency
+
+    real_logits = torch.randn(3, 4)
+    c_src = torch.tensor([[0, 1, 0, 1], [1, 0, 0, 1], [0, 0, 1, 0]]).float()
+    c_trg = c_src.clone()
+    c_trg[0, 0], c_trg[1, 3] = 1, 0  # two edits; sample 2 changes nothing
+    # An edit that reads exactly as its input costs nothing, on kept and changed attributes alike.
+    zero, _ = kept_attribute_consistency(real_logits.clone(), real_logits, c_trg, c_src)
+    assert zero.abs().item() < 1e-6
+    # Moving a changed attribute is free; moving a kept one costs, and its gradient pulls it back.
+    fake = real_logits.clone()
+    fake[0, 0] += 5.0
+    free, _ = kept_attribute_consistency(fake, real_logits, c_trg, c_src)
+    assert free.abs().item() < 1e-6
+    fake = real_logits.clone()
+    fake[0, 1] += 3.0
+    fake.requires_grad_(True)
+    loss, logs = kept_attribute_consistency(fake, real_logits, c_trg, c_src)
+    assert loss.item() > 0.01 and logs["g_cls_kept"] == pytest.approx(loss.item())
+    loss.backward()
+    assert fake.grad is not None and fake.grad[0, 1] > 0
+    kept = c_trg == c_src
+    assert (fake.grad[~kept] == 0).all()
+
+
 def test_discriminator_loss_adds_the_fake_classification_term_only_when_asked(
     prepared_cache: Path, tmp_path: Path
 ) -> None:
@@ -791,6 +817,22 @@ def test_generator_loss_pushes_the_zero_difference_mask_shut_only_when_asked(
     grad_rec, grad_fake = torch.autograd.grad(total - base, [g_pass.mask_rec, g_pass.mask_fake], retain_graph=True)
     assert torch.allclose(grad_rec, torch.full_like(grad_rec, 3.0 / grad_rec.numel()), rtol=1e-4)
     assert grad_fake.abs().max() < 1e-9
+
+
+def test_generator_loss_adds_the_kept_attribute_term_only_when_asked(prepared_cache: Path, tmp_path: Path) -> None:
+    from training import losses
+
+    cfg = tiny_config(prepared_cache, tmp_path, precision="fp32")
+    trainer = Trainer(cfg, tmp_path / "run")
+    x_real, c_src, c_trg = trainer._batch(0, torch.Generator().manual_seed(0))
+    cond, cond_rec = trainer._conditions(c_src, c_trg, torch.Generator().manual_seed(1))
+    g_pass = losses.generator_pass(trainer.G, x_real, cond, cond_rec, trainer._autocast)
+    base, logs = _generator_loss(trainer, g_pass, x_real, c_src, c_trg, cfg)
+    assert "g_cls_kept" not in logs
+    with_kept = dataclasses.replace(cfg, lambda_g_cls_kept=4.0)
+    total, logs = _generator_loss(trainer, g_pass, x_real, c_src, c_trg, with_kept)
+    assert logs["g_cls_kept"] > 0  # an untrained G's edits do not read as their inputs
+    assert total.item() == pytest.approx(base.item() + 4.0 * logs["g_cls_kept"], rel=1e-5)
 
 
 def test_validation_reports_how_often_the_discriminator_takes_an_edit_for_flipped() -> None:

@@ -50,6 +50,12 @@ class TrainConfig:
     #: BCE of D's classifier on the fake, averaged over only the attributes each edit changes: the
     #: mean over all attributes hides an edit that did not happen behind the ones kept.
     lambda_g_cls_changed: float = 0.0
+    #: D's classifier on the edit against D's reading of the input face (soft targets), over only the
+    #: attributes each edit keeps (losses.kept_attribute_consistency): preservation. The mean BCE of
+    #: ``lambda_g_cls`` pushes kept attributes towards their labels, which the served models met while
+    #: their Bald, Mustache and No Beard edits still aged and masculinised the face (the project's
+    #: classifier: preservation 75-85 % on those rows). Costs one no-grad D pass per step; 0: off.
+    lambda_g_cls_kept: float = 0.0
     lambda_d_cls: float = 1.0
     #: BCE of D's classifier on the (detached) edits towards their *source* value, over only the
     #: attributes each edit changes. D's classifier otherwise learns from real faces alone, so off the

@@ -65,6 +65,27 @@ def changed_attribute_bce(logits: torch.Tensor, c_trg: torch.Tensor, c_src: torc
     return loss, {"g_cls_changed": loss.item()}
 
 
+def kept_attribute_consistency(
+    fake_logits: torch.Tensor, real_logits: torch.Tensor, c_trg: torch.Tensor, c_src: torch.Tensor
+) -> tuple[torch.Tensor, Logs]:
+    """BCE of D's classifier on the edit towards D's own (detached) reading of the input face, over
+    only the attributes each edit keeps, per sample, then averaged over the samples that keep any.
+
+    Minimal when the edit reads as the input does on every kept attribute: an edit to Bald should not
+    make the face read as more male or older than it did. Soft targets from the same face, not its
+    labels, so a face the classifier found ambiguous is not pushed to either side."""
+    kept = (c_trg == c_src).float()
+    target = torch.sigmoid(real_logits.detach().float())
+    terms = F.binary_cross_entropy_with_logits(fake_logits.float(), target, reduction="none")
+    # Subtract the target's own entropy, so a perfect match costs 0 and the log reads as a divergence.
+    entropy = F.binary_cross_entropy_with_logits(real_logits.detach().float(), target, reduction="none")
+    terms = (terms - entropy) * kept
+    per_sample = terms.sum(1) / kept.sum(1).clamp_min(1.0)
+    has_kept = (kept.sum(1) > 0).float()
+    loss = (per_sample * has_kept).sum() / has_kept.sum().clamp_min(1.0)
+    return loss, {"g_cls_kept": loss.item()}
+
+
 def fake_attribute_bce(logits: torch.Tensor, c_trg: torch.Tensor, c_src: torch.Tensor) -> tuple[torch.Tensor, Logs]:
     """D's classifier on edits: BCE towards the *source* value over only the attributes each edit
     changes (mean over those terms; 0 when nothing changes), so an edit is not taken for the attribute
@@ -282,6 +303,12 @@ def generator_loss(
         g_cls_changed, lg = changed_attribute_bce(fake_cls, c_trg, c_src)
         logs |= lg
         g_loss = g_loss + cfg.lambda_g_cls_changed * g_cls_changed
+    if cfg.lambda_g_cls_kept > 0:
+        with torch.no_grad(), autocast():
+            _, real_cls = discriminator(x_real)
+        g_cls_kept, lg = kept_attribute_consistency(fake_cls, real_cls, c_trg, c_src)
+        logs |= lg
+        g_loss = g_loss + cfg.lambda_g_cls_kept * g_cls_kept
     if mask_rec is not None:  # a mask head
         # The raw decoder output must reconstruct too: then opening the mask costs the
         # reconstruction nothing, and the mask is free to mark only what an edit changes.
