@@ -162,7 +162,14 @@ def tile_condition(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def cat_condition(h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    return torch.cat([h, tile_condition(c, h)], dim=1)
+    """``[h, c tiled]`` on the channel axis, in ``h``'s memory format. An expanded tile is contiguous in
+    neither format, so ``torch.cat`` fell back to NCHW and every layer after it converted back: for a
+    channels_last STGAN that was the whole decoder (bf16 training step on the AMX Xeon, one thread, three
+    interleaved A/B pairs: STGAN-cpu 7.5-7.7 -> 8.0-8.6 images/s; MU-GAN-cpu 11.7-11.9 -> 11.1-12.4, noise)."""
+    tile = tile_condition(c, h)
+    if h.dim() == 4 and not h.is_contiguous() and h.is_contiguous(memory_format=torch.channels_last):
+        tile = tile.contiguous(memory_format=torch.channels_last)
+    return torch.cat([h, tile], dim=1)
 
 
 class SelfAttention(nn.Module):

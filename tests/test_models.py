@@ -197,3 +197,28 @@ def test_self_attention_is_sagan_attention() -> None:
     with torch.no_grad():
         sa.gamma.zero_()
     torch.testing.assert_close(sa(x), x)  # gamma starts at 0: identity
+
+
+@pytest.mark.parametrize("preset", ["stgan-cpu", "mugan-cpu"])
+def test_a_channels_last_generator_stays_channels_last_through_its_decoder(preset: str) -> None:
+    """Every conv of the decoder gets a channels_last input when the face does (a layer fed NCHW makes
+    oneDNN convert back and forth)."""
+    arch, cfg = get_preset(preset)
+    net = build(arch, cfg).eval().to(memory_format=torch.channels_last)
+    x, c = _inputs(cfg, batch=2)
+    nchw: list[str] = []
+
+    def check(name: str) -> object:
+        def hook(_: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            h = args[0]
+            if h.shape[2] * h.shape[3] > 1 and not h.is_contiguous(memory_format=torch.channels_last):
+                nchw.append(f"{name} {tuple(h.shape)}")
+
+        return hook
+
+    for name, module in net.named_modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) or type(module).__name__ == "ResizeConv":
+            module.register_forward_pre_hook(check(name))
+    with torch.no_grad():
+        net.decode(net.encode(x.contiguous(memory_format=torch.channels_last)), c)
+    assert not nchw, nchw
