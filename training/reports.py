@@ -235,6 +235,7 @@ def write_card(folder: str | Path) -> None:
         f"λ_mask-L1 {tc.get('lambda_mask_l1')}, λ_mask-TV {tc.get('lambda_mask_tv')}; Adam lr {tc.get('lr_g')} / "
         f"{tc.get('lr_d')}",
         f"- realism and locality terms: λ_G-cls on the changed attributes {tc.get('lambda_g_cls_changed', 0.0)}, "
+        f"on the kept attributes (consistency with the input) {tc.get('lambda_g_cls_kept', 0.0)}, "
         f"D-cls class balance cap {tc.get('d_cls_balance_max', 1.0)}, differences scaled by U(1, "
         f"{tc.get('diff_scale_max', 1.0)}), mask border weight {tc.get('mask_border_weight', 0.0)}, "
         f"λ_background {tc.get('lambda_background', 0.0)}; up-sampling "
