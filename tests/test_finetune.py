@@ -73,7 +73,7 @@ def test_init_from_a_release_reproduces_its_generator_before_the_first_step(
     c = torch.zeros(3, 13)
     c[:, 3] = 1
     with torch.no_grad():
-        want = released.float()(x, c)
+        want = released.float().to(memory_format=torch.channels_last)(x, c)  # the layout training uses
         got = trainer.G_ema.eval()(x, c)
     torch.testing.assert_close(got[0], want[0], atol=0, rtol=0)
     torch.testing.assert_close(got[1], want[1], atol=0, rtol=0)
@@ -150,7 +150,7 @@ def test_add_attributes_keeps_the_old_edits_at_step_0(release: Path, prepared_ca
     c_old[:, 3], c_old[1, 7] = 1.0, -1.0
     c_new = torch.cat([c_old, torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, -1.0]])], dim=1)
     with torch.no_grad():
-        want = released.float()(x, c_old)
+        want = released.float().to(memory_format=torch.channels_last)(x, c_old)  # as training runs it
         got = trainer.G_ema.eval()(x, c_new)  # the new attributes' inputs have zero weights
     torch.testing.assert_close(got[0], want[0], atol=0, rtol=0)
     # D's head grew by two rows, zero: the old attributes' logits are unchanged
