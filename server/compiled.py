@@ -65,7 +65,7 @@ def disagreement(
     served: ServedGenerator,
     got: tuple[torch.Tensor, ...],
     want_fp32: tuple[torch.Tensor, ...],
-    eager_same_precision: tuple[torch.Tensor, ...],
+    eager_same_precision: tuple[torch.Tensor, ...] | None,
 ) -> str | None:
     """Why the compiled decoder's output ``got`` is refused, or None. ``want_fp32`` is eager fp32 (the
     reference whatever the model serves in), ``eager_same_precision`` eager in the served precision.
@@ -78,6 +78,8 @@ def disagreement(
     diff_max, diff_mean = _abs_diff(got, want_fp32)
     if served.precision == "fp32":
         return None if diff_max <= TOLERANCE else f"max {diff_max:.2e} (limit {TOLERANCE:.0e})"
+    if eager_same_precision is None:
+        raise ValueError("a bf16 decoder is judged against eager bf16 on the same input")
     eager_max, eager_mean = _abs_diff(eager_same_precision, want_fp32)
     max_limit, mean_limit = 2 * served.bf16_tolerance, 2 * eager_mean + 1e-4
     if diff_max > max_limit or diff_mean > mean_limit:
@@ -114,7 +116,8 @@ def build_compiled_decoder(served: ServedGenerator) -> Callable[..., tuple[torch
                 _mark_batch_dynamic(encoded, cond)
             with served.autocast():
                 got = compiled(encoded, cond)
-                eager = served.net.decode(encoded, cond)
+                # eager in the served precision, which a bf16 decoder is judged against (fp32: ``want``)
+                eager = served.net.decode(encoded, cond) if served.precision != "fp32" else None
             # the reference is eager fp32, whatever precision the model serves in
             want = served.net.decode(served.net.encode(x.contiguous(memory_format=served.memory_format)), cond)
             why = disagreement(served, got, want, eager)

@@ -58,11 +58,16 @@ def changed_attribute_bce(logits: torch.Tensor, c_trg: torch.Tensor, c_src: torc
     """BCE towards the target over only the attributes an edit changes, per sample, then averaged
     over the samples that change anything (0 when none does)."""
     changed = (c_trg != c_src).float()
-    terms = F.binary_cross_entropy_with_logits(logits.float(), c_trg.float(), reduction="none") * changed
-    per_sample = terms.sum(1) / changed.sum(1).clamp_min(1.0)
-    edited = (changed.sum(1) > 0).float()
-    loss = (per_sample * edited).sum() / edited.sum().clamp_min(1.0)
+    terms = F.binary_cross_entropy_with_logits(logits.float(), c_trg.float(), reduction="none")
+    loss = _masked_mean_per_sample(terms, changed)
     return loss, {"g_cls_changed": loss.item()}
+
+
+def _masked_mean_per_sample(terms: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``terms`` over each sample's masked attributes, then over the samples with any (0 if none)."""
+    per_sample = (terms * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+    has_any = (mask.sum(1) > 0).float()
+    return (per_sample * has_any).sum() / has_any.sum().clamp_min(1.0)
 
 
 def kept_attribute_consistency(
@@ -79,10 +84,7 @@ def kept_attribute_consistency(
     terms = F.binary_cross_entropy_with_logits(fake_logits.float(), target, reduction="none")
     # Subtract the target's own entropy, so a perfect match costs 0 and the log reads as a divergence.
     entropy = F.binary_cross_entropy_with_logits(real_logits.detach().float(), target, reduction="none")
-    terms = (terms - entropy) * kept
-    per_sample = terms.sum(1) / kept.sum(1).clamp_min(1.0)
-    has_kept = (kept.sum(1) > 0).float()
-    loss = (per_sample * has_kept).sum() / has_kept.sum().clamp_min(1.0)
+    loss = _masked_mean_per_sample(terms - entropy, kept)
     return loss, {"g_cls_kept": loss.item()}
 
 
