@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models.attributes import condition_vector, exclusive_groups_for
+from models.attributes import condition_vector, exclusive_groups_for, implied_changes
 from models.checkpoint import load_pretrained
 from training.data import CachedFaces
 from training.evaluate import load_generator
@@ -49,11 +49,14 @@ def main() -> None:
             kept[:, i] = 0
             flips = ((pred != pred_src).float() * kept).sum(0) / kept.sum(0).clamp_min(1)
             kept_share = ((pred == pred_src).float() * kept).sum() / kept.sum()
+            kept_free = kept * (1 - implied_changes(c, c_trg, attrs))
+            free_share = ((pred == pred_src).float() * kept_free).sum() / kept_free.sum()
             top = sorted(((flips[j].item(), attrs[j]) for j in range(len(attrs)) if j != i), reverse=True)[:4]
             log.info(
-                "%-20s preservation %5.1f %%; flips: %s",
+                "%-20s preservation %5.1f %% (implied left out %5.1f %%); flips: %s",
                 name,
                 kept_share * 100,
+                free_share * 100,
                 ", ".join(f"{a} {v * 100:.0f} %" for v, a in top),
             )
 

@@ -757,6 +757,93 @@ def test_kept_attribute_consistency_holds_only_the_kept_attributes_to_the_input_
     assert (fake.grad[~kept] == 0).all()
 
 
+def test_kept_attribute_consistency_lets_an_implied_attribute_move() -> None:
+    from models.attributes import STGAN_ATTRIBUTES, implied_changes
+    from training.losses import kept_attribute_consistency
+
+    names = list(STGAN_ATTRIBUTES)
+    male, mustache = names.index("Male"), names.index("Mustache")
+    c_src = torch.zeros(2, len(names))
+    c_src[:, names.index("No_Beard")] = 1  # two beardless women
+    c_trg = c_src.clone()
+    c_trg[:, mustache] = 1  # both get a moustache
+    implied = implied_changes(c_src, c_trg, names)
+    real_logits = torch.randn(2, len(names))
+    fake = real_logits.clone()
+    fake[:, male] += 4.0  # the edit reads as a man
+    held, _ = kept_attribute_consistency(fake, real_logits, c_trg, c_src)
+    free, _ = kept_attribute_consistency(fake, real_logits, c_trg, c_src, implied)
+    assert held.item() > 0.05 and free.abs().item() < 1e-6
+    fake[:, names.index("Young")] += 4.0  # a kept attribute that is not implied still costs
+    assert kept_attribute_consistency(fake, real_logits, c_trg, c_src, implied)[0].item() > 0.05
+
+
+def test_generator_loss_leaves_implied_attributes_out_of_the_classification_only_when_asked(
+    prepared_cache: Path, tmp_path: Path
+) -> None:
+    import torch.nn.functional as F
+
+    from models.attributes import implied_changes
+    from training import losses
+
+    cfg = tiny_config(prepared_cache, tmp_path, precision="fp32")
+    names = list(cfg.attributes)
+    trainer = Trainer(cfg, tmp_path / "run")
+    x_real, _, _ = trainer._batch(0, torch.Generator().manual_seed(0))
+    c_src = torch.zeros(len(x_real), len(names))
+    c_src[:, names.index("No_Beard")] = 1
+    c_trg = c_src.clone()
+    c_trg[: len(x_real) // 2, names.index("Mustache")] = 1  # half get a moustache: Male, No_Beard implied
+    cond, cond_rec = trainer._conditions(c_src, c_trg, torch.Generator().manual_seed(1))
+    g_pass = losses.generator_pass(trainer.G, x_real, cond, cond_rec, trainer._autocast)
+    _, held = _generator_loss(trainer, g_pass, x_real, c_src, c_trg, cfg)
+    _, free = _generator_loss(
+        trainer, g_pass, x_real, c_src, c_trg, dataclasses.replace(cfg, free_implied_attributes=True)
+    )
+    with torch.no_grad():
+        _, fake_cls = trainer.D(g_pass.x_fake)
+    implied = implied_changes(c_src, c_trg, names)
+    assert implied.sum() == len(x_real) // 2 * 2
+    want = F.binary_cross_entropy_with_logits(fake_cls.float(), c_trg, weight=1 - implied).item()
+    assert free["g_cls"] == pytest.approx(want, rel=1e-5)
+    assert held["g_cls"] == pytest.approx(F.binary_cross_entropy_with_logits(fake_cls.float(), c_trg).item(), rel=1e-5)
+    assert free["g_cls"] != pytest.approx(held["g_cls"], rel=1e-3)
+
+
+def test_preservation_leaving_out_implied_attributes() -> None:
+    """A stand-in classifier reads every edit as a man: that breaks preservation for every edit, but
+    only where the edit does not imply Male (a moustache, a beard, baldness on a woman) once implied
+    attributes are left out."""
+    from models.registry import build, get_preset
+    from training.metrics import evaluate_generator
+
+    arch, g_cfg = get_preset("stgan-tiny")
+    generator = build(arch, g_cfg)
+    attributes = tuple(g_cfg.attributes)
+    male = attributes.index("Male")
+
+    class EditsReadMale(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            logits = -torch.ones(len(x), len(attributes))
+            edited = x.flatten(1).mean(1) > -0.9  # the inputs are black, an untrained G's edits are not
+            logits[edited, male] = 1.0
+            return logits
+
+    images = -torch.ones(4, 3, g_cfg.image_size, g_cfg.image_size)
+    labels = torch.zeros(4, len(attributes))
+    labels[:, attributes.index("No_Beard")] = 1  # beardless women, as the classifier reads them
+    out = evaluate_generator(
+        generator, images, labels, attributes, classifier=EditsReadMale(), classifier_attributes=attributes
+    )
+    strict, free = out["preservation"], out["preservation_excl_implied"]
+    for a in ("Mustache", "Bald", "No_Beard"):  # each implies Male = 1 on these faces
+        assert strict[a] < 1 and free[a] == 1.0
+    for a in ("Bangs", "Eyeglasses", "Young"):
+        assert free[a] == strict[a] < 1
+    assert strict["Male"] == free["Male"] == 1.0  # the edit asked for Male
+    assert out["mean_preservation_excl_implied"] > out["mean_preservation"]
+
+
 def test_discriminator_loss_adds_the_fake_classification_term_only_when_asked(
     prepared_cache: Path, tmp_path: Path
 ) -> None:

@@ -56,6 +56,12 @@ class TrainConfig:
     #: their Bald, Mustache and No Beard edits still aged and masculinised the face (the project's
     #: classifier: preservation 75-85 % on those rows). Costs one no-grad D pass per step; 0: off.
     lambda_g_cls_kept: float = 0.0
+    #: Leave the attributes an edit implies in the data (``models.attributes.IMPLIED_VALUES``: a
+    #: moustache comes with No_Beard = 0 and Male = 1) out of G's classification losses: neither held
+    #: at the source's value by ``lambda_g_cls`` and ``lambda_g_cls_kept``, nor pushed to change.
+    #: Off, a moustache on a woman is asked to read as a moustache, as female and as beardless at
+    #: once, which no face in the data does.
+    free_implied_attributes: bool = False
     lambda_d_cls: float = 1.0
     #: BCE of D's classifier on the (detached) edits towards their *source* value, over only the
     #: attributes each edit changes. D's classifier otherwise learns from real faces alone, so off the

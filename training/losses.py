@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.attributes import implied_changes
 from models.generators import Encoded
 from training.config import TrainConfig
 
@@ -71,15 +72,22 @@ def _masked_mean_per_sample(terms: torch.Tensor, mask: torch.Tensor) -> torch.Te
 
 
 def kept_attribute_consistency(
-    fake_logits: torch.Tensor, real_logits: torch.Tensor, c_trg: torch.Tensor, c_src: torch.Tensor
+    fake_logits: torch.Tensor,
+    real_logits: torch.Tensor,
+    c_trg: torch.Tensor,
+    c_src: torch.Tensor,
+    implied: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Logs]:
     """BCE of D's classifier on the edit towards D's own (detached) reading of the input face, over
     only the attributes each edit keeps, per sample, then averaged over the samples that keep any.
 
     Minimal when the edit reads as the input does on every kept attribute: an edit to Bald should not
     make the face read as more male or older than it did. Soft targets from the same face, not its
-    labels, so a face the classifier found ambiguous is not pushed to either side."""
+    labels, so a face the classifier found ambiguous is not pushed to either side. ``implied``
+    (``models.attributes.implied_changes``) marks attributes the edit implies: not kept."""
     kept = (c_trg == c_src).float()
+    if implied is not None:
+        kept = kept * (1 - implied)
     target = torch.sigmoid(real_logits.detach().float())
     terms = F.binary_cross_entropy_with_logits(fake_logits.float(), target, reduction="none")
     # Subtract the target's own entropy, so a perfect match costs 0 and the log reads as a divergence.
@@ -292,7 +300,8 @@ def generator_loss(
     x_rec = x_rec_raw if mask_rec is None else mask_rec * x_rec_raw + (1 - mask_rec) * x_real
     g_adv, lg = g_adversarial(fake_adv, cfg.gan_loss)
     logs |= lg
-    g_cls, lg = attribute_bce(fake_cls, c_trg, "g_cls")
+    implied = implied_changes(c_src, c_trg, cfg.attributes) if cfg.free_implied_attributes else None
+    g_cls, lg = attribute_bce(fake_cls, c_trg, "g_cls", weight=None if implied is None else 1 - implied)
     logs |= lg
     g_rec, lg = reconstruction_l1(x_rec, x_real)
     logs |= lg
@@ -308,7 +317,7 @@ def generator_loss(
     if cfg.lambda_g_cls_kept > 0:
         with torch.no_grad(), autocast():
             _, real_cls = discriminator(x_real)
-        g_cls_kept, lg = kept_attribute_consistency(fake_cls, real_cls, c_trg, c_src)
+        g_cls_kept, lg = kept_attribute_consistency(fake_cls, real_cls, c_trg, c_src, implied)
         logs |= lg
         g_loss = g_loss + cfg.lambda_g_cls_kept * g_cls_kept
     if mask_rec is not None:  # a mask head

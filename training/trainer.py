@@ -558,20 +558,23 @@ class Trainer:
         with open(self.run_dir / "val_metrics.jsonl", "a") as fh:
             fh.write(json.dumps(metrics) + "\n")
         if self.writer is not None:
-            for k in ("psnr", "ssim", "mean_edit_success", "mean_d_edit_success", "mean_preservation", "score"):
+            scalars = ("psnr", "ssim", "mean_edit_success", "mean_d_edit_success", "mean_preservation")
+            for k in (*scalars, "mean_preservation_excl_implied", "score"):
                 if k in metrics:
                     self.writer.add_scalar(f"val/{k}", metrics[k], self.step)
             for k in ("kid_x1000", "background_change_worst"):
                 if k in realism:
                     self.writer.add_scalar(f"val/{k}", realism[k], self.step)
         log.info(
-            "val step %d: psnr %.2f ssim %.3f edit %s (D takes %s) preserve %s KIDx1000 %s background %s score %.4f",
+            "val step %d: psnr %.2f ssim %.3f edit %s (D takes %s) preserve %s (implied out %s) KIDx1000 %s "
+            "background %s score %.4f",
             self.step,
             metrics["psnr"],
             metrics["ssim"],
             f"{metrics.get('mean_edit_success', float('nan')):.3f}",
             f"{metrics.get('mean_d_edit_success', float('nan')):.3f}",
             f"{metrics.get('mean_preservation', float('nan')):.3f}",
+            f"{metrics.get('mean_preservation_excl_implied', float('nan')):.3f}",
             f"{realism.get('kid_x1000', float('nan')):.1f}",
             f"{realism.get('background_change_worst', float('nan')):.2f}",
             metrics["score"],
