@@ -172,6 +172,17 @@ def implied_changes(c_src: torch.Tensor, c_trg: torch.Tensor, names: Sequence[st
     return out
 
 
+def implications_for(names: Sequence[str]) -> dict[str, dict[str, dict[str, int]]]:
+    """What moving each of ``names`` on (``"on"``) or off (``"off"``) implies for other CelebA
+    attributes (:data:`IMPLIED_VALUES`), for a UI to warn that a slider may change them too."""
+    out: dict[str, dict[str, dict[str, int]]] = {}
+    for name in names:
+        sides = {side: dict(IMPLIED_VALUES.get((name, v), {})) for side, v in (("on", 1), ("off", 0))}
+        if any(sides.values()):
+            out[name] = {side: implied for side, implied in sides.items() if implied}
+    return out
+
+
 def condition_vector(
     c_src: torch.Tensor, c_diff: torch.Tensor, mode: str, gain: float | torch.Tensor = 1.0
 ) -> torch.Tensor:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from models.attributes import implications_for
 from models.checkpoint import CONFIG_FILE, CheckpointError, ModelInfo, load_pretrained
 from models.generators import AttributeGenerator, Encoded
 from models.precision import device_has_bf16_units
@@ -81,6 +82,8 @@ class ServedGenerator:
             "state": "loaded",
             "architecture": self.info.architecture,
             "attributes": list(self.info.attributes),
+            # what a slider's end implies for other attributes in the training labels (the UI warns)
+            "implies": implications_for(self.info.attributes),
             "image_size": self.info.image_size,
             "conditioning": self.info.conditioning,
             "learned_mask": self.info.mask_head,

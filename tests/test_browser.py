@@ -145,3 +145,36 @@ def test_group_photo_face_picker(page, server_url: str) -> None:  # type: ignore
     page.select_option("#model", "mugan")
     page.wait_for_function("() => state.model === 'mugan' && !state.inflight && state.faces.length === 6")
     page.screenshot(path=str(ARTIFACTS / "editor-group.png"), full_page=True)
+
+
+def test_sliders_say_what_an_edit_implies_in_the_training_data(page, server_url: str) -> None:  # type: ignore[no-untyped-def]
+    from models.attributes import IMPLIED_VALUES
+
+    page.goto(server_url + "/")
+    page.wait_for_function("() => document.querySelectorAll('#sliders input').length === 13")
+    assert "Male" in (page.get_attribute("label[for=slider-Mustache]", "title") or "")
+    assert page.get_attribute("label[for=slider-Eyeglasses]", "title") is None  # implies nothing
+    page.set_input_files("#file", str(PHOTOS / "portrait-2.jpg"))
+    page.wait_for_function("() => state.faces.length === 1 && !state.inflight")
+    assert not page.is_visible("#implied")
+    moved = {"Mustache": 1, "Male": -1, "Bald": 1}
+    for attr, value in moved.items():
+        page.fill(f"#slider-{attr}", str(value))
+        page.dispatch_event(f"#slider-{attr}", "input")
+    reading = page.evaluate("() => state.faces[0].attributes")
+    expected = {}  # the implied values the face does not already read as, per moved slider
+    for attr, value in moved.items():
+        on = value > 0
+        if (reading[attr] >= 0.5) == on:
+            continue
+        implied = IMPLIED_VALUES[(attr, int(on))].items()
+        unmet = {b: w for b, w in implied if b in reading and (reading[b] >= 0.5) != w}  # what the face reads otherwise
+        if unmet:
+            expected[attr] = unmet
+    text = page.inner_text("#implied") if page.is_visible("#implied") else ""
+    assert bool(text) == bool(expected)
+    for attr, unmet in expected.items():
+        assert attr.replace("_", " ") in text
+        assert all(b.replace("_", " ") in text for b in unmet)
+    page.click("#reset")
+    assert not page.is_visible("#implied")

@@ -97,12 +97,19 @@ function buildSliders() {
     const label = document.createElement("label");
     label.htmlFor = id;
     label.textContent = attr.replaceAll("_", " ");
+    const implies = (m.implies || {})[attr];
+    if (implies) {
+      label.title = Object.entries(implies)
+        .map(([side, other]) => `${side === "on" ? "Adding" : "Removing"} it: faces in the training data come ${describeValues(other)}`)
+        .join("; ");
+    }
     const input = document.createElement("input");
     Object.assign(input, { type: "range", id, min: -1, max: 1, step: 0.05, value: 0 });
     input.dataset.attr = attr;
     input.addEventListener("input", () => {
       state.values[attr] = parseFloat(input.value);
       renderSliderValue(attr);
+      renderImplied();
       scheduleEdit();
     });
     const out = document.createElement("output");
@@ -111,6 +118,7 @@ function buildSliders() {
     box.append(label, input, out);
     renderSliderValue(attr);
   }
+  renderImplied();
 }
 
 function faceAttributes() {
@@ -128,6 +136,48 @@ function renderSliderValue(attr) {
 
 function renderAllSliderValues() {
   for (const attr of Object.keys(state.values)) renderSliderValue(attr);
+  renderImplied();
+}
+
+const pretty = (attr) => attr.replaceAll("_", " ");
+// {Male: 1, No_Beard: 0} -> "with Male, without No Beard"
+function describeValues(values) {
+  const names = (w) => Object.entries(values).filter(([, v]) => v === w).map(([a]) => pretty(a)).join(", ");
+  return [names(1) && `with ${names(1)}`, names(0) && `without ${names(0)}`].filter(Boolean).join(", ");
+}
+
+// What the moved sliders imply in the training labels (a moustache comes with Male, without No
+// Beard) where the face reads otherwise (every implied value when there is no reading): the edit
+// may change those too.
+function impliedNotes() {
+  const implies = currentModel().implies || {};
+  const reading = faceAttributes();
+  const notes = [];
+  for (const [attr, v] of Object.entries(state.values)) {
+    if (!v || !implies[attr]) continue;
+    const side = v > 0 ? "on" : "off";
+    const other = implies[attr][side] || {};
+    // the face already is what the slider asks (adding what it has): nothing is implied
+    if (attr in reading && (reading[attr] >= 0.5) === (side === "on")) continue;
+    const unmet = Object.fromEntries(
+      Object.entries(other).filter(([a, w]) =>
+        a in reading ? (reading[a] >= 0.5) !== (w === 1) : Object.keys(reading).length === 0),
+    );
+    if (Object.keys(unmet).length) notes.push({ attr, side, unmet });
+  }
+  return notes;
+}
+
+function renderImplied() {
+  const box = $("implied");
+  if (!box) return;
+  const notes = impliedNotes();
+  box.hidden = notes.length === 0;
+  box.textContent = notes
+    .map(({ attr, side, unmet }) =>
+      `${side === "on" ? "Adding" : "Removing"} ${pretty(attr)}: faces in the training data (CelebA-HQ) come ` +
+      `${describeValues(unmet)}, so the edit may change ${Object.keys(unmet).length > 1 ? "those" : "that"} too.`)
+    .join(" ");
 }
 
 function resetSliders() {
