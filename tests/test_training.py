@@ -676,6 +676,29 @@ def test_frozen_batchnorm_trains_the_function_inference_serves(
     assert all(torch.equal(m.running_mean, f) for m, f in zip(batchnorm_layers(resumed.G), fixed, strict=True))
 
 
+def test_a_warm_start_from_a_frozen_checkpoint_keeps_its_statistics_and_ema(
+    prepared_cache: Path, tmp_path: Path
+) -> None:
+    from training.batchnorm import batchnorm_layers
+
+    cfg = tiny_config(prepared_cache, tmp_path, freeze_batchnorm=True, ema_bn_batches=2)
+    parent = Trainer(cfg, tmp_path / "parent")
+    for _ in range(3):
+        parent.train_step()
+    parent.save_checkpoint()
+    fixed = [m.running_mean.clone() for m in batchnorm_layers(parent.G)]
+    ema = {k: v.clone() for k, v in parent.G_ema.state_dict().items()}
+    assert fixed and any(not torch.equal(ema[k], v) for k, v in parent.G.state_dict().items())  # EMA lags G
+
+    child = Trainer(cfg, tmp_path / "child")
+    child.init_from(tmp_path / "parent" / "checkpoints" / "last.safetensors")
+    assert child.batchnorm_frozen
+    for k, v in child.G_ema.state_dict().items():  # not restarted from G
+        torch.testing.assert_close(v, ema[k], msg=k)
+    child.train_step()
+    assert all(torch.equal(m.running_mean, f) for m, f in zip(batchnorm_layers(child.G), fixed, strict=True))
+
+
 def test_a_release_trained_with_frozen_statistics_keeps_them(prepared_cache: Path, tmp_path: Path) -> None:
     """recompute-bn refuses it, and a frozen run warm-started from it trains with its statistics."""
     from models.checkpoint import WEIGHTS_FILE, read_tensors
