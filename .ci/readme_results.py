@@ -58,12 +58,15 @@ def generator_rows(weights: Path) -> list[str]:
         at_one = ""
         if unit and m.get("edit_gain", 1.0) != 1.0:
             at_one = f" (at ×1: {unit[0]['mean_edit_success']:.1%} / {unit[0]['mean_preservation']:.1%} on val)"
+        free = ""  # preservation without the attributes an edit implies in the labels (reports since 2026-12-01)
+        if "mean_preservation_excl_implied" in m:
+            free = f" ({m['mean_preservation_excl_implied']:.1%} with implied attributes left out)"
         rows.append(
             f"| [{cfg['name']}](weights/{config_path.parent.name}/card.md) ({cfg['architecture']}) | {training} "
             f"| {split} ({m['n_images']}) | {m['psnr']:.2f} dB {_mark(m['psnr'], 'psnr')} "
             f"| {m['ssim']:.3f} {_mark(m['ssim'], 'ssim')} | {raw} | {gain}{at_one} "
             f"| {m['mean_edit_success']:.1%} {_mark(m['mean_edit_success'], 'mean_edit_success')} "
-            f"| {m['mean_preservation']:.1%} {_mark(m['mean_preservation'], 'mean_preservation')} "
+            f"| {m['mean_preservation']:.1%} {_mark(m['mean_preservation'], 'mean_preservation')}{free} "
             f"| {realism_cells(m.get('realism'))} |"
         )
     return rows

@@ -242,6 +242,19 @@ def test_classifier_evaluate_and_export(prepared_cache: Path, tmp_path: Path) ->
     assert info.metrics["test"]["psnr"] == metrics["psnr"]
     assert info.metrics["test"]["edit_gain"] == 1.0
     assert "Test split evaluation" in (out / "card.md").read_text()
+    assert "preservation, implied left out" in (out / "card.md").read_text()
+
+    # a classifier-only re-run (no realism faces) keeps the recorded realism report and the card's
+    # hand-written release notes
+    with (out / "card.md").open("a") as fh:
+        fh.write("\n## Release note (a test)\n\nWritten by hand.\n")
+    recorded_realism = info.metrics["test"].get("realism")
+    evaluate = ["evaluate", "--model", str(out), "--cache-dir", str(prepared_cache), "--classifier", str(clf_dir)]
+    cli([*evaluate, "--realism-faces", "0"])
+    card = (out / "card.md").read_text()
+    assert card.count("## Release note (a test)") == 1 and card.rstrip().endswith("Written by hand.")
+    assert "Test split evaluation" in card
+    assert load_pretrained(out)[1].metrics["test"].get("realism") == recorded_realism
 
     # calibrate the edit gain on val: written into config.json, test metrics at another gain dropped
     cmd = ["calibrate", "--model", str(out), "--cache-dir", str(prepared_cache), "--classifier", str(clf_dir)]

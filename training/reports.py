@@ -221,9 +221,17 @@ def realism_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: Where the hand-written part of a card begins (release notes): kept when the card is rewritten.
+NOTES_HEADING = "## Release note"
+
+
 def write_card(folder: str | Path) -> None:
-    """(Re)write ``card.md`` from ``config.json``: training facts, val and test metrics."""
+    """(Re)write ``card.md`` from ``config.json``: training facts, val and test metrics. The hand-written
+    release notes of an existing card (from its first ``NOTES_HEADING``) are kept after the new text."""
     folder = Path(folder)
+    old_card = folder / "card.md"
+    old_text = old_card.read_text() if old_card.is_file() else ""
+    notes = old_text[old_text.index(NOTES_HEADING) :] if NOTES_HEADING in old_text else ""
     doc = read_config(folder)
     tr, metrics = doc.get("training", {}), doc.get("metrics", {})
     tc = tr.get("train_config", {})
@@ -249,7 +257,9 @@ def write_card(folder: str | Path) -> None:
         f"λ_mask-L1 {tc.get('lambda_mask_l1')}, λ_mask-TV {tc.get('lambda_mask_tv')}; Adam lr {tc.get('lr_g')} / "
         f"{tc.get('lr_d')}",
         f"- realism and locality terms: λ_G-cls on the changed attributes {tc.get('lambda_g_cls_changed', 0.0)}, "
-        f"on the kept attributes (consistency with the input) {tc.get('lambda_g_cls_kept', 0.0)}, "
+        f"on the kept attributes (consistency with the input) {tc.get('lambda_g_cls_kept', 0.0)}"
+        + (", attributes an edit implies left out of both" if tc.get("free_implied_attributes") else "")
+        + ", "
         f"D-cls class balance cap {tc.get('d_cls_balance_max', 1.0)}, differences scaled by U(1, "
         f"{tc.get('diff_scale_max', 1.0)}), mask border weight {tc.get('mask_border_weight', 0.0)}, "
         f"λ_background {tc.get('lambda_background', 0.0)}; up-sampling "
@@ -320,6 +330,8 @@ def write_card(folder: str | Path) -> None:
         "these weights inherit that restriction.",
         "",
     ]
+    if notes:
+        parts += [notes.rstrip("\n"), ""]
     atomic_write_bytes(folder / "card.md", "\n".join(parts).encode())
 
 
