@@ -30,6 +30,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
+from models.attributes import implication_text
 from models.checkpoint import CONFIG_FILE, CheckpointError, read_config
 from server.errors import ServiceError
 from server.service import EditRequest, EditService
@@ -115,7 +116,8 @@ def build_blocks(
                 photo = gr.Image(type="filepath", label="Photo", sources=["upload"], elem_id="photo")
                 model = gr.Dropdown(names, value=default, label="Model", elem_id="model")
                 sliders = [
-                    gr.Slider(-1.0, 1.0, value=0.0, step=0.05, label=a, elem_id=f"slider-{a}") for a in all_attributes
+                    gr.Slider(-1.0, 1.0, value=0.0, step=0.05, label=a, info=implication_text(a), elem_id=f"slider-{a}")
+                    for a in all_attributes
                 ]
                 json_edits = gr.Textbox(visible=False)
                 if PHOTOS.is_dir():

@@ -183,6 +183,22 @@ def implications_for(names: Sequence[str]) -> dict[str, dict[str, dict[str, int]
     return out
 
 
+def implication_text(name: str) -> str | None:
+    """One line for a UI beside ``name``'s slider: what its ends come with in the training labels
+    (``"+1 comes with Male, without No Beard"``), or None when they imply nothing."""
+    sides = implications_for([name]).get(name)
+    if not sides:
+        return None
+
+    def values(implied: dict[str, int]) -> str:
+        have = [n.replace("_", " ") for n, v in implied.items() if v == 1]
+        lack = [n.replace("_", " ") for n, v in implied.items() if v == 0]
+        return ", ".join(filter(None, [have and "with " + ", ".join(have), lack and "without " + ", ".join(lack)]))
+
+    parts = [f"{'+1' if side == 'on' else '−1'} comes {values(implied)}" for side, implied in sides.items()]
+    return "In the training labels: " + "; ".join(parts) + ". The edit may change those too."
+
+
 def condition_vector(
     c_src: torch.Tensor, c_diff: torch.Tensor, mode: str, gain: float | torch.Tensor = 1.0
 ) -> torch.Tensor:

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.attributes import CELEBA_ATTRIBUTES, IMPLIED_VALUES, STGAN_ATTRIBUTES, implied_changes
+from models.attributes import (
+    CELEBA_ATTRIBUTES,
+    IMPLIED_VALUES,
+    STGAN_ATTRIBUTES,
+    implication_text,
+    implications_for,
+    implied_changes,
+)
 from tests.conftest import SHARED
 
 CELEBAHQ = SHARED / "datasets" / "celebahq-128"
@@ -60,3 +67,12 @@ def test_implied_changes_marks_only_what_the_edit_implies() -> None:
     cols = [i[n] for n in no_male]
     only_beard = implied_changes(c_src[:, cols], c_trg[:, cols], no_male)
     assert only_beard[0, no_male.index("No_Beard")] == 1 and only_beard.sum() == 1
+
+
+def test_implications_for_a_ui() -> None:
+    table = implications_for(STGAN_ATTRIBUTES)
+    assert table["Mustache"] == {"on": {"No_Beard": 0, "Male": 1}}
+    assert table["No_Beard"] == {"on": {"Mustache": 0, "Goatee": 0}, "off": {"Male": 1}}
+    assert "Eyeglasses" not in table and implication_text("Eyeglasses") is None
+    text = implication_text("Mustache")
+    assert text is not None and "+1 comes with Male, without No Beard" in text and "−1" not in text

@@ -58,6 +58,7 @@ def test_a_slider_moved_in_the_gradio_page_changes_the_image(server_url: str) ->
         page.set_default_timeout(60_000)
         page.goto(server_url + "/gradio/")
         page.wait_for_selector("a[href='/']")  # links back to the JS editor
+        assert "with Male" in page.inner_text("#slider-Mustache")  # what the slider implies in the labels
         page.locator("#photo input[type=file]").set_input_files(str(PHOTOS / "portrait-2.jpg"))
         page.wait_for_selector("#edited img")
         first = page.get_attribute("#edited img", "src")
