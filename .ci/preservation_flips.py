@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models.attributes import condition_vector, exclusive_groups_for, implied_changes
 from models.checkpoint import load_pretrained
+from models.precision import resolve_precision
 from training.data import CachedFaces
 from training.evaluate import load_generator
-from training.metrics import flip_targets
+from training.metrics import evaluate_generator
 
 log = logging.getLogger("preservation_flips")
 
@@ -32,33 +32,20 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     gen, gain = load_generator(args.model)
-    gen.eval()
-    attrs = tuple(load_pretrained(args.model)[1].attributes)
+    attrs = tuple(gen.config.attributes)
     clf, clf_info = load_pretrained(args.classifier)
-    idx = [clf_info.attributes.index(a) for a in attrs]
     x, c = (d := CachedFaces(args.cache_dir, "val", attrs, limit=args.faces)).get(torch.arange(len(d)))
-    groups = exclusive_groups_for(list(attrs))
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        pred_src = (clf(x).float()[:, idx] > 0).float()
-        encoded = gen.encode(x)
-        for i, name in enumerate(attrs):
-            c_trg = flip_targets(c, i, groups)
-            x_edit, _ = gen.decode(encoded, condition_vector(c, c_trg - c, gen.config.conditioning, gain))
-            pred = (clf(x_edit.float()).float()[:, idx] > 0).float()
-            kept = (c_trg == c).float()
-            kept[:, i] = 0
-            flips = ((pred != pred_src).float() * kept).sum(0) / kept.sum(0).clamp_min(1)
-            kept_share = ((pred == pred_src).float() * kept).sum() / kept.sum()
-            kept_free = kept * (1 - implied_changes(c, c_trg, attrs))
-            free_share = ((pred == pred_src).float() * kept_free).sum() / kept_free.sum()
-            top = sorted(((flips[j].item(), attrs[j]) for j in range(len(attrs)) if j != i), reverse=True)[:4]
-            log.info(
-                "%-20s preservation %5.1f %% (implied left out %5.1f %%); flips: %s",
-                name,
-                kept_share * 100,
-                free_share * 100,
-                ", ".join(f"{a} {v * 100:.0f} %" for v, a in top),
-            )
+    amp = resolve_precision("auto", torch.device("cpu")) == "bf16"
+    m = evaluate_generator(gen, x, c, attrs, clf, tuple(clf_info.attributes), amp=amp, gain=gain, kept_flips=True)
+    for name in attrs:
+        top = sorted(((v, a) for a, v in m["kept_flips"][name].items()), reverse=True)[:4]
+        log.info(
+            "%-20s preservation %5.1f %% (implied left out %5.1f %%); flips: %s",
+            name,
+            m["preservation"][name] * 100,
+            m["preservation_excl_implied"][name] * 100,
+            ", ".join(f"{a} {v * 100:.0f} %" for v, a in top),
+        )
 
 
 if __name__ == "__main__":

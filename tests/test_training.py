@@ -869,9 +869,19 @@ def test_preservation_leaving_out_implied_attributes() -> None:
     labels = torch.zeros(4, len(attributes))
     labels[:, attributes.index("No_Beard")] = 1  # beardless women, as the classifier reads them
     out = evaluate_generator(
-        generator, images, labels, attributes, classifier=EditsReadMale(), classifier_attributes=attributes
+        generator,
+        images,
+        labels,
+        attributes,
+        classifier=EditsReadMale(),
+        classifier_attributes=attributes,
+        kept_flips=True,
     )
     strict, free = out["preservation"], out["preservation_excl_implied"]
+    # which kept attribute each edit flipped: Male, on every face, for every edit but Male's own
+    assert out["kept_flips"]["Bangs"]["Male"] == 1.0 and "Bangs" not in out["kept_flips"]["Bangs"]
+    assert all(v == 0.0 for b, v in out["kept_flips"]["Bangs"].items() if b != "Male")
+    assert "Male" not in out["kept_flips"]["Male"]
     for a in ("Mustache", "Bald", "No_Beard"):  # each implies Male = 1 on these faces
         assert strict[a] < 1 and free[a] == 1.0
     for a in ("Bangs", "Eyeglasses", "Young"):

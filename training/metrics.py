@@ -61,6 +61,7 @@ def evaluate_generator(
     progress: bool = False,
     gain: float = 1.0,
     discriminator: nn.Module | None = None,
+    kept_flips: bool = False,
 ) -> dict:
     """Metrics on ``images`` (N, 3, H, W in [-1, 1]) with ground-truth ``labels`` (N, n_attrs in {0,1}).
 
@@ -68,7 +69,9 @@ def evaluate_generator(
     model does at a slider's end); reconstruction uses a zero difference. With the run's
     ``discriminator`` (its classifier head over ``attributes``), ``d_edit_success`` is the share of the
     same edits D's classifier takes for flipped: far above ``edit_success``, the generator satisfies D
-    with something the independent classifier does not accept as the attribute.
+    with something the independent classifier does not accept as the attribute. ``kept_flips`` adds,
+    per edit, the share of faces whose reading of each kept attribute changed (which ones cost
+    preservation; ``.ci/preservation_flips.py``).
     """
     from tqdm import tqdm
 
@@ -91,6 +94,8 @@ def evaluate_generator(
     preserved_count = np.zeros(n_attr)
     preserved_free = np.zeros(n_attr)  # the same, leaving out the attributes the edit implies
     preserved_free_count = np.zeros(n_attr)
+    flipped = np.zeros((n_attr, n_attr))  # [edit, kept attribute]: faces whose reading changed
+    flipped_count = np.zeros((n_attr, n_attr))
     mask_means = np.zeros(n_attr)
     n_total = 0
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
@@ -138,6 +143,8 @@ def evaluate_generator(
             keep_free = keep * (1 - implied_changes(c_src, c_trg, attributes))
             preserved_free[i] += ((pred == pred_src).float() * keep_free).sum().item()
             preserved_free_count[i] += keep_free.sum().item()
+            flipped[i] += ((pred != pred_src).float() * keep).sum(0).cpu().numpy()
+            flipped_count[i] += keep.sum(0).cpu().numpy()
     out: dict = {
         "n_images": n_total,
         "edit_gain": gain,
@@ -160,6 +167,12 @@ def evaluate_generator(
             a: preserved_free[i] / max(preserved_free_count[i], 1) for i, a in enumerate(attributes)
         }
         out["mean_preservation_excl_implied"] = float(np.mean(list(out["preservation_excl_implied"].values())))
+        if kept_flips:
+            share = flipped / np.maximum(flipped_count, 1)
+            out["kept_flips"] = {
+                a: {b: float(share[i, j]) for j, b in enumerate(attributes) if flipped_count[i, j]}
+                for i, a in enumerate(attributes)
+            }
     return out
 
 

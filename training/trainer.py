@@ -345,17 +345,19 @@ class Trainer:
         A release without a discriminator starts D afresh only with ``fresh_discriminator``.
         """
         if Path(path).is_dir():
-            self._load_release(Path(path), fresh_discriminator)
+            parent_frozen = self._load_release(Path(path), fresh_discriminator)
         else:
             _, meta = self._load_networks(path, widen=True)
-            if self.cfg.freeze_batchnorm and meta.get("batchnorm_frozen") == "1":
-                # G's weights learnt with the parent's fixed statistics: re-estimating them (and
-                # restarting G_ema from G) took MU-GAN from PSNR 100 / edit 90 % to 30.7 dB / 51 %
-                self.batchnorm_frozen = True
-                log.info("%s trained with fixed BatchNorm statistics: this run keeps them and its G_ema", path)
+            parent_frozen = meta.get("batchnorm_frozen") == "1"
+        if self.cfg.freeze_batchnorm and parent_frozen:
+            # G's weights learnt with the parent's fixed statistics: keep them and G_ema. Re-estimating
+            # them (and restarting G_ema from G) took MU-GAN from PSNR 100 / edit 90 % to 30.7 dB / 51 %.
+            self.batchnorm_frozen = True
+            log.info("%s trained with fixed BatchNorm statistics: this run keeps them", path)
         self.best_score, self.best_metrics = -math.inf, {}
 
-    def _load_release(self, folder: Path, fresh_discriminator: bool) -> None:
+    def _load_release(self, folder: Path, fresh_discriminator: bool) -> bool:
+        """Load a release's networks and counters; True when it was trained with fixed BatchNorm statistics."""
         doc = read_config(folder)
         d_path = folder / DISCRIMINATOR_FILE
         if not d_path.is_file() and not fresh_discriminator:
@@ -402,13 +404,10 @@ class Trainer:
         else:
             log.warning("%s has no discriminator: D starts from scratch (--fresh-discriminator)", folder)
         training = doc.get("training") or {}
-        if self.cfg.freeze_batchnorm and (training.get("train_config") or {}).get("freeze_batchnorm"):
-            # the release's statistics are the fixed ones its weights learned with: keep them
-            self.batchnorm_frozen = True
-            log.info("%s was trained with fixed BatchNorm statistics: this run keeps them", folder)
         self.step = int(training.get("steps") or 0)
         self.images_seen = int(training.get("images_seen") or 0)
         self.elapsed = float(training.get("wall_hours") or 0.0) * 3600
+        return bool((training.get("train_config") or {}).get("freeze_batchnorm"))
 
     # ------------------------------------------------------------------ validation and samples
     def validate(self) -> dict[str, Any]:
