@@ -77,7 +77,7 @@ def run(weights: Path, repeats: int, compiled: bool = False) -> str:
                 return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
             with torch.no_grad(), amp():
-                enc = net.encode(x.contiguous(memory_format=layout))
+                enc = net.prepare_decode(net.encode(x.contiguous(memory_format=layout)))
 
             def step(enc: Any = enc, amp: Any = amp, net: Any = net, cond: torch.Tensor = cond) -> None:
                 with torch.no_grad(), amp():

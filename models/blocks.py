@@ -211,6 +211,7 @@ class SelectiveTransferUnit(nn.Module):
         self.reset_gate = nn.Conv2d(2 * enc_ch, enc_ch, kernel, padding=pad)
         self.update_gate = nn.Conv2d(2 * enc_ch, enc_ch, kernel, padding=pad)
         self.hidden = nn.Conv2d(2 * enc_ch, enc_ch, kernel, padding=pad)
+        self._split_cache: tuple[tuple[object, ...], tuple[torch.Tensor, ...]] | None = None
 
     def gates(
         self, f_enc: torch.Tensor, state: torch.Tensor, c: torch.Tensor
@@ -227,6 +228,53 @@ class SelectiveTransferUnit(nn.Module):
         f_hat = torch.tanh(self.hidden(torch.cat([f_enc, s_new], dim=1)))
         f_t = (1 - z) * s_hat + z * f_hat
         return f_t, s_new
+
+    def encoder_terms(self, f_enc: torch.Tensor) -> torch.Tensor:
+        """The part of the reset, update and hidden convs over ``[f_enc, ·]`` that reads ``f_enc``, with
+        their biases, stacked on the channel axis (``3 * enc_ch``). No condition changes it, so a caller
+        that decodes one face many times computes it once (:meth:`forward_from_terms`)."""
+        w_enc, bias, _, _ = self._split_weights()
+        return F.conv2d(f_enc, w_enc, bias, padding=self.reset_gate.padding)
+
+    def forward_from_terms(
+        self, f_enc: torch.Tensor, terms: torch.Tensor, state: torch.Tensor, c: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` given ``terms = encoder_terms(f_enc)``: the gates convolve only the state half
+        of their input, half the multiply-adds."""
+        _, _, w_gates, w_hidden = self._split_weights()
+        k = f_enc.shape[1]
+        s_hat = self.upsample(cat_condition(state, c))
+        pad = self.reset_gate.padding
+        gates = torch.sigmoid(terms[:, : 2 * k] + F.conv2d(s_hat, w_gates, padding=pad))
+        r, z = gates[:, :k], gates[:, k:]
+        s_new = r * s_hat
+        f_hat = torch.tanh(terms[:, 2 * k :] + F.conv2d(s_new, w_hidden, padding=pad))
+        f_t = (1 - z) * s_hat + z * f_hat
+        return f_t, s_new
+
+    def _split_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(encoder halves of the reset, update and hidden kernels stacked, their biases, state halves of
+        the reset and update kernels stacked, state half of the hidden kernel). Kept between calls in eval
+        mode without autograd until a weight changes (as :class:`ResizeConv` keeps its kernel)."""
+        convs = (self.reset_gate, self.update_gate, self.hidden)
+        cacheable = not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling())
+        key = tuple((p._version, p.data_ptr(), p.device, p.dtype) for m in convs for p in (m.weight, m.bias))
+        if cacheable and self._split_cache is not None and self._split_cache[0] == key:
+            w_enc, bias, w_gates, w_hidden = self._split_cache[1]
+            return w_enc, bias, w_gates, w_hidden
+        k = self.reset_gate.weight.shape[1] // 2
+        split = (
+            torch.cat([m.weight[:, :k] for m in convs]),
+            torch.cat([m.bias for m in convs]),
+            torch.cat([m.weight[:, k:] for m in convs[:2]]),
+            self.hidden.weight[:, k:].contiguous(),
+        )
+        self._split_cache = (key, split) if cacheable else None
+        return split
+
+    def train(self, mode: bool = True) -> SelectiveTransferUnit:
+        self._split_cache = None
+        return super().train(mode)
 
 
 class AttentionUNetConnection(nn.Module):

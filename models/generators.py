@@ -35,21 +35,34 @@ from models.config import EncoderDecoderConfig, StarGANConfig
 
 
 class Encoded(NamedTuple):
-    """What ``encode`` returns: the input image and the encoder features (shallow to deep)."""
+    """What ``encode`` returns: the input image and the encoder features (shallow to deep), and, once
+    :meth:`AttributeGenerator.prepare_decode` has run, the decoder's terms that do not depend on the
+    condition (computed once per face, reused by every slider move)."""
 
     x: torch.Tensor
     features: tuple[torch.Tensor, ...]
+    decoder_terms: tuple[torch.Tensor, ...] = ()
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor held, batch first."""
+        return (self.x, *self.features, *self.decoder_terms)
 
     def select(self, index: torch.Tensor | slice | int) -> Encoded:
         if isinstance(index, int):
             index = slice(index, index + 1)
-        return Encoded(self.x[index], tuple(f[index] for f in self.features))
+        return Encoded(
+            self.x[index], tuple(f[index] for f in self.features), tuple(t[index] for t in self.decoder_terms)
+        )
 
     @staticmethod
     def cat(items: list[Encoded]) -> Encoded:
-        n = len(items[0].features)
+        n, m = len(items[0].features), len(items[0].decoder_terms)
+        if any(len(e.decoder_terms) != m for e in items):
+            raise ValueError("cannot merge prepared and unprepared encodings")
         return Encoded(
-            torch.cat([e.x for e in items]), tuple(torch.cat([e.features[i] for e in items]) for i in range(n))
+            torch.cat([e.x for e in items]),
+            tuple(torch.cat([e.features[i] for e in items]) for i in range(n)),
+            tuple(torch.cat([e.decoder_terms[i] for e in items]) for i in range(m)),
         )
 
 
@@ -83,6 +96,12 @@ class AttributeGenerator(nn.Module):
     def decode_parts(self, encoded: Encoded, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(raw edited image before blending, mask from the head or None)."""
         raise NotImplementedError
+
+    def prepare_decode(self, encoded: Encoded) -> Encoded:
+        """``encoded`` with the decoder's condition-independent terms precomputed, for a caller that
+        decodes one face under many conditions (slider moves, evaluation). :meth:`decode` gives the
+        same result with or without them. This generator has none: returned as it is."""
+        return encoded
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.decode(self.encode(x), c)
@@ -154,14 +173,27 @@ class EncoderDecoderGenerator(AttributeGenerator):
             feats.append(h)
         return Encoded(x, tuple(feats))
 
+    def prepare_decode(self, encoded: Encoded) -> Encoded:
+        """With STU skips: each STU's gate terms on its encoder feature (half of the gates'
+        multiply-adds, a quarter of a decode), see :meth:`SelectiveTransferUnit.encoder_terms`."""
+        if self.config.skip != "stu" or encoded.decoder_terms:
+            return encoded
+        n = self.config.n_layers
+        terms = tuple(stu.encoder_terms(encoded.features[n - 2 - j]) for j, stu in enumerate(self.stus))
+        return encoded._replace(decoder_terms=terms)
+
     def decode_parts(self, encoded: Encoded, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         cfg, feats = self.config, encoded.features
         n = cfg.n_layers
         skips = list(feats[n - 2 - j] for j in range(cfg.n_skip_layers)) if cfg.skip != "none" else []
         if cfg.skip == "stu":
             state, transferred = feats[n - 1], []
+            terms = encoded.decoder_terms
             for j, stu in enumerate(self.stus):
-                f_t, state = stu(skips[j], state, c)
+                if terms:
+                    f_t, state = stu.forward_from_terms(skips[j], terms[j], state, c)
+                else:
+                    f_t, state = stu(skips[j], state, c)
                 transferred.append(f_t)
             skips = transferred
         h = cat_condition(feats[n - 1], c)

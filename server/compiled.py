@@ -92,7 +92,7 @@ def disagreement(
 
 def _mark_batch_dynamic(encoded: Any, cond: torch.Tensor) -> None:
     """One compiled graph for every batch size above 1 (micro-batching merges faces), not one per size."""
-    for t in (encoded.x, *encoded.features, cond):
+    for t in (*encoded.tensors(), cond):
         torch._dynamo.mark_dynamic(t, 0)
 
 

@@ -67,7 +67,9 @@ class ServedGenerator:
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> Encoded:
         with self.autocast():
-            return self.net.encode(x.to(self.device).contiguous(memory_format=self.memory_format))
+            return self.net.prepare_decode(
+                self.net.encode(x.to(self.device).contiguous(memory_format=self.memory_format))
+            )
 
     @torch.no_grad()
     def decode(self, encoded: Encoded, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,7 +280,7 @@ def decode_ms(served: ServedGenerator, rounds: int = 3) -> dict[str, float]:
     with torch.no_grad():
         for name, fmt in LAYOUTS.items():
             nets[name] = copy.deepcopy(served.net).to(memory_format=fmt)
-            encoded[name] = nets[name].encode(x.contiguous(memory_format=fmt))
+            encoded[name] = nets[name].prepare_decode(nets[name].encode(x.contiguous(memory_format=fmt)))
             nets[name].decode(encoded[name], cond)  # warm-up: oneDNN builds its kernels for this layout
         times: dict[str, list[float]] = {name: [] for name in LAYOUTS}
         for _ in range(rounds):

@@ -156,6 +156,39 @@ def test_encoded_select_and_cat_round_trip() -> None:
         torch.testing.assert_close(gen.decode(joined, c)[0], gen.decode(enc, c)[0])
 
 
+@pytest.mark.parametrize("upsample", ["deconv", "resize"])
+def test_prepared_decode_equals_plain_decode(upsample: str) -> None:
+    """STGAN's STU gate terms on the encoder features, computed once per face, change no output: not for
+    one condition, not for a merged batch, not after the weights change (the split kernels are kept)."""
+    arch, cfg = get_preset("stgan-tiny")
+    gen = build(arch, dataclasses.replace(cfg, upsample=upsample)).eval()
+    x, c = _inputs(cfg, batch=3)
+    with torch.no_grad():
+        enc = gen.encode(x)
+        prepared = gen.prepare_decode(enc)
+        assert len(prepared.decoder_terms) == cfg.n_skip_layers
+        assert gen.prepare_decode(prepared) is prepared
+        for c_move in (c, -c, 2.5 * c):
+            want, want_mask = gen.decode(enc, c_move)
+            got, got_mask = gen.decode(prepared, c_move)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(got_mask, want_mask, atol=1e-5, rtol=1e-4)
+        merged = Encoded.cat([prepared.select(2), prepared.select(slice(0, 2))])
+        full = gen.decode(enc, c)[0]
+        torch.testing.assert_close(gen.decode(merged, c[[2, 0, 1]])[0], full[[2, 0, 1]], atol=1e-5, rtol=1e-4)
+        with pytest.raises(ValueError, match="prepared and unprepared"):
+            Encoded.cat([prepared.select(0), enc.select(1)])
+        gen.stus[0].hidden.weight.mul_(0.5)  # the kept split kernels must notice
+        torch.testing.assert_close(
+            gen.decode(gen.prepare_decode(gen.encode(x)), c)[0], gen.decode(gen.encode(x), c)[0], atol=1e-5, rtol=1e-4
+        )
+    mugan_arch, mugan_cfg = get_preset("mugan-tiny")
+    mugan = build(mugan_arch, mugan_cfg).eval()
+    with torch.no_grad():
+        plain = mugan.encode(x)
+        assert mugan.prepare_decode(plain) is plain  # nothing to precompute without STUs
+
+
 def test_presets_include_paper_sizes() -> None:
     presets = all_presets()
     assert presets["stgan"][1].base_channels == 64 and presets["stgan"][1].image_size == 128

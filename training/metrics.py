@@ -111,7 +111,7 @@ def evaluate_generator(
         c_src = labels[start : start + batch_size].to(device)
         n_total += len(x)
         with autocast:
-            encoded = generator.encode(x)
+            encoded = generator.prepare_decode(generator.encode(x))
             c_zero = condition_vector(c_src, torch.zeros_like(c_src), mode)
             x_rec, _ = generator.decode(encoded, c_zero)
             x_rec_raw, _ = generator.decode_parts(encoded, c_zero)

@@ -31,7 +31,7 @@ def edit_grid(
     mode = generator.config.conditioning
     groups = exclusive_groups_for(list(attributes))
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-        encoded = generator.encode(x)
+        encoded = generator.prepare_decode(generator.encode(x))
         cols = [(x, torch.zeros_like(x[:, :1]))]
         cols.append(generator.decode(encoded, condition_vector(c_src, torch.zeros_like(c_src), mode)))
         for i in range(len(attributes)):
@@ -71,7 +71,7 @@ def combined_grid(
     mode = generator.config.conditioning
     groups = exclusive_groups_for(list(attributes))
     usable = [combo for combo in combinations if all(a in attributes for a in combo)]
-    encoded = generator.encode(x)
+    encoded = generator.prepare_decode(generator.encode(x))
     cols = [(x, torch.zeros_like(x[:, :1]))]
     for combo in usable:
         c_trg = c_src
