@@ -211,7 +211,9 @@ class SelectiveTransferUnit(nn.Module):
         self.reset_gate = nn.Conv2d(2 * enc_ch, enc_ch, kernel, padding=pad)
         self.update_gate = nn.Conv2d(2 * enc_ch, enc_ch, kernel, padding=pad)
         self.hidden = nn.Conv2d(2 * enc_ch, enc_ch, kernel, padding=pad)
-        self._split_cache: tuple[tuple[object, ...], tuple[torch.Tensor, ...]] | None = None
+        self._split_cache: (
+            tuple[tuple[object, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] | None
+        ) = None
 
     def gates(
         self, f_enc: torch.Tensor, state: torch.Tensor, c: torch.Tensor
@@ -237,12 +239,12 @@ class SelectiveTransferUnit(nn.Module):
         return F.conv2d(f_enc, w_enc, bias, padding=self.reset_gate.padding)
 
     def forward_from_terms(
-        self, f_enc: torch.Tensor, terms: torch.Tensor, state: torch.Tensor, c: torch.Tensor
+        self, terms: torch.Tensor, state: torch.Tensor, c: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`forward` given ``terms = encoder_terms(f_enc)``: the gates convolve only the state half
         of their input, half the multiply-adds."""
         _, _, w_gates, w_hidden = self._split_weights()
-        k = f_enc.shape[1]
+        k = terms.shape[1] // 3
         s_hat = self.upsample(cat_condition(state, c))
         pad = self.reset_gate.padding
         gates = torch.sigmoid(terms[:, : 2 * k] + F.conv2d(s_hat, w_gates, padding=pad))
@@ -260,8 +262,7 @@ class SelectiveTransferUnit(nn.Module):
         cacheable = not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling())
         key = tuple((p._version, p.data_ptr(), p.device, p.dtype) for m in convs for p in (m.weight, m.bias))
         if cacheable and self._split_cache is not None and self._split_cache[0] == key:
-            w_enc, bias, w_gates, w_hidden = self._split_cache[1]
-            return w_enc, bias, w_gates, w_hidden
+            return self._split_cache[1]
         k = self.reset_gate.weight.shape[1] // 2
         split = (
             torch.cat([m.weight[:, :k] for m in convs]),

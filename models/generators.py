@@ -191,7 +191,7 @@ class EncoderDecoderGenerator(AttributeGenerator):
             terms = encoded.decoder_terms
             for j, stu in enumerate(self.stus):
                 if terms:
-                    f_t, state = stu.forward_from_terms(skips[j], terms[j], state, c)
+                    f_t, state = stu.forward_from_terms(terms[j], state, c)
                 else:
                     f_t, state = stu(skips[j], state, c)
                 transferred.append(f_t)
