@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from server.mtcnn import area_crops, detect_faces, summed_area_table
+from server.mtcnn import area_crops, area_resize, detect_faces, summed_area_table
 
 if TYPE_CHECKING:
     from facenet_pytorch import MTCNN
@@ -40,6 +40,16 @@ def test_area_crops_equal_interpolate_area_crop_by_crop(size: int) -> None:
     ours = area_crops(summed_area_table(image.permute(1, 2, 0).to(torch.uint8).numpy()), y0, y1, x0, x1, size)
     reference = torch.cat([F.interpolate(image[None, :, a:b, c:d], (size, size), mode="area") for a, b, c, d in boxes])
     assert ours.shape == (len(boxes), 3, size, size)
+    torch.testing.assert_close(ours, reference, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("size", [(37, 50), (9, 61), (61, 83), (70, 90), (1, 1)])
+def test_area_resize_equals_interpolate_area(size: tuple[int, int]) -> None:
+    """P-Net's pyramid levels: down, uneven, identity, up and to one pixel."""
+    image = (torch.rand(3, 61, 83, generator=torch.Generator().manual_seed(1)) * 255).round()
+    ours = area_resize(summed_area_table(image.permute(1, 2, 0).to(torch.uint8).numpy()), size)
+    reference = F.interpolate(image[None], size, mode="area")
+    assert ours.shape == (1, 3, *size)
     torch.testing.assert_close(ours, reference, atol=1e-3, rtol=0)
 
 
