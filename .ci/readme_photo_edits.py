@@ -21,6 +21,7 @@ PHOTOS = ROOT.parent / "shared" / "photos"
 
 from PIL import Image, ImageDraw  # noqa: E402
 
+from models.attributes import gain_text  # noqa: E402
 from server.config import Settings  # noqa: E402
 from server.service import EditRequest  # noqa: E402
 from server.state import create_state  # noqa: E402
@@ -60,8 +61,10 @@ def main() -> None:
     for j, (label, _) in enumerate(EDITS):
         draw.text((LABEL + j * TILE + 3, 2), label, fill="black")
     for i, model in enumerate(models):
-        gain = state.registry.generators[model].info.edit_gain
-        draw.text((3, HEADER + i * TILE + TILE // 2), f"{model} (x{gain:g})", fill="black")
+        gain = gain_text(state.registry.generators[model].info.gain()).replace("×", "x")
+        draw.multiline_text(
+            (3, HEADER + i * TILE + TILE // 2), f"{model}\n{gain.replace(' (', chr(10) + '(')}", fill="black"
+        )
         for j, (_, edits) in enumerate(EDITS):
             result = state.service.edit(EditRequest(image=data, edits=edits, model=model, faces="largest"))
             x0, y0, x1, y1 = result.faces[0].region

@@ -18,6 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 sys.path.insert(0, str(ROOT))
+from models.attributes import gain_text  # noqa: E402
 from training.reports import QUALITY_TARGETS as TARGETS  # noqa: E402 - the targets are written once, there
 from training.reports import REALISM_TARGETS as REALISM  # noqa: E402
 
@@ -53,7 +54,7 @@ def generator_rows(weights: Path) -> list[str]:
             f" ({t.get('threads', t.get('train_config', {}).get('threads', '?'))} thread)"
         )
         raw = f"{m['psnr_raw']:.2f} dB {_mark(m['psnr_raw'], 'psnr_raw')}" if "psnr_raw" in m else "—"
-        gain = f"×{m.get('edit_gain', 1.0):g}"
+        gain = gain_text(m.get("edit_gain", 1.0))
         unit = [r for r in metrics.get("calibration", {}).get("rows", []) if r["edit_gain"] == 1.0]
         at_one = ""
         if unit and m.get("edit_gain", 1.0) != 1.0:

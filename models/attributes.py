@@ -18,7 +18,7 @@ difference of ±1 to a confident edit. Training always uses g = 1.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -197,6 +197,48 @@ def implication_text(name: str) -> str | None:
 
     parts = [f"{'+1' if side == 'on' else '−1'} comes {values(implied)}" for side, implied in sides.items()]
     return "In the training labels: " + "; ".join(parts) + ". The edit may change those too."
+
+
+#: One gain for every slider, or each attribute's own gain (a mapping over all of a model's attributes).
+EditGain = float | Mapping[str, float]
+
+
+def edit_gain_spec(
+    attributes: Sequence[str], edit_gain: float, attribute_gains: Mapping[str, float] | None = None
+) -> EditGain:
+    """A model's gain from its ``config.json`` fields: ``edit_gain`` for every attribute, except those
+    ``attribute_gains`` names (sliders calibrated on their own). A float where none does."""
+    if not attribute_gains or all(float(g) == float(edit_gain) for g in attribute_gains.values()):
+        return float(edit_gain)
+    unknown = sorted(set(attribute_gains) - set(attributes))
+    if unknown:
+        raise ValueError(f"attribute gains for unknown attributes: {', '.join(unknown)}")
+    return {a: float(attribute_gains.get(a, edit_gain)) for a in attributes}
+
+
+def gain_vector(attributes: Sequence[str], gain: EditGain) -> float | torch.Tensor:
+    """What :func:`condition_vector` multiplies by: a float for one gain, so those models keep their exact
+    arithmetic; an (n_attrs,) tensor that scales each attribute's difference by its own gain."""
+    if not isinstance(gain, Mapping):
+        return float(gain)
+    if set(gain) != set(attributes):
+        raise ValueError(f"per-attribute gains must name exactly the model's attributes, got {sorted(gain)}")
+    return torch.tensor([float(gain[a]) for a in attributes])
+
+
+def gain_record(gain: EditGain) -> float | dict[str, float]:
+    """A gain as metrics and configs record it (JSON: a number, or an object over the attributes)."""
+    return {a: float(g) for a, g in gain.items()} if isinstance(gain, Mapping) else float(gain)
+
+
+def gain_text(gain: EditGain) -> str:
+    """``×1`` or, with sliders of their own, the most common gain and the others: ``×1 (Bald ×1.5)``."""
+    if not isinstance(gain, Mapping):
+        return f"×{float(gain):g}"
+    values = [float(g) for g in gain.values()]
+    base = max(values, key=lambda v: (values.count(v), -v))
+    own = ", ".join(f"{a.replace('_', ' ')} ×{g:g}" for a, g in gain.items() if float(g) != base)
+    return f"×{base:g} ({own})" if own else f"×{base:g}"
 
 
 def condition_vector(

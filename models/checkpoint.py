@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from models.attributes import EditGain, edit_gain_spec, gain_vector
 from models.config import config_to_dict
 from models.registry import build, get_architecture, parse_config
 
@@ -47,9 +49,19 @@ class ModelInfo:
     mask_head: bool = False
     alignment_template: dict[str, Any] | None = None
     edit_gain: float = 1.0
+    #: sliders calibrated on their own: attribute -> its gain in place of ``edit_gain``
+    attribute_gains: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def gain(self) -> EditGain:
+        """The model's gain: one float, or each attribute's (:func:`models.attributes.edit_gain_spec`)."""
+        return edit_gain_spec(self.attributes, self.edit_gain, self.attribute_gains)
+
+    def gains(self) -> float | torch.Tensor:
+        """The gain the generator's condition is built with (:func:`models.attributes.gain_vector`)."""
+        return gain_vector(self.attributes, self.gain())
 
 
 def contiguous_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -98,6 +110,7 @@ def save_pretrained(
     name: str | None = None,
     alignment_template: dict[str, Any] | None = None,
     edit_gain: float = 1.0,
+    attribute_gains: dict[str, float] | None = None,
     metrics: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
@@ -124,6 +137,8 @@ def save_pretrained(
         "training": training or {},
         "extra": extra or {},
     }
+    if attribute_gains:
+        doc["attribute_gains"] = check_attribute_gains(attribute_gains, doc["attributes"], folder / CONFIG_FILE)
     atomic_save_tensors(folder / WEIGHTS_FILE, contiguous_state_dict(model), metadata={"format": "pt"})
     write_config(folder, doc)
     if card is not None:
@@ -136,6 +151,16 @@ def check_edit_gain(value: Any, where: Path) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 10:
         raise CheckpointError(f"{where}: 'edit_gain' must be a number in (0, 10], got {value!r}")
     return float(value)
+
+
+def check_attribute_gains(value: Any, attributes: Sequence[str], where: Path) -> dict[str, float]:
+    """Per-attribute gains as ``{attribute: gain in (0, 10]}`` over the model's attributes, or a clear error."""
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{where}: 'attribute_gains' must map attribute names to gains, got {value!r}")
+    unknown = sorted(set(value) - set(attributes))
+    if unknown:
+        raise CheckpointError(f"{where}: 'attribute_gains' names unknown attributes: {', '.join(unknown)}")
+    return {a: check_edit_gain(g, where) for a, g in value.items()}
 
 
 def write_config(folder: str | Path, doc: dict[str, Any]) -> None:
@@ -227,6 +252,7 @@ def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> t
         mask_head=bool(doc.get("mask_head", False)),
         alignment_template=doc.get("alignment_template"),
         edit_gain=check_edit_gain(doc.get("edit_gain", 1.0), folder / CONFIG_FILE),
+        attribute_gains=check_attribute_gains(doc.get("attribute_gains") or {}, attributes, folder / CONFIG_FILE),
         metrics=doc.get("metrics") or {},
         training=doc.get("training") or {},
         extra=doc.get("extra") or {},

@@ -90,6 +90,8 @@ class ServedGenerator:
             "conditioning": self.info.conditioning,
             "learned_mask": self.info.mask_head,
             "edit_gain": self.info.edit_gain,
+            # sliders calibrated on their own gain (absent: every slider uses edit_gain)
+            "attribute_gains": self.info.attribute_gains,
             "default": self.name == default,
             "precision": self.precision,
             "layout": layout_name(self.memory_format),

@@ -257,7 +257,7 @@ class EditService:
         c_src = torch.stack([state.faces[i].c_src for i in selected])
         diffs = torch.stack([difference_vector(edits, model.info.attributes, state.faces[i].c_src) for i in selected])
         mode = model.info.conditioning or "diff"
-        out, mask = model.decode_batched(encoded, condition_vector(c_src, diffs, mode, model.info.edit_gain))
+        out, mask = model.decode_batched(encoded, condition_vector(c_src, diffs, mode, model.info.gains()))
         if not model.info.mask_head:
             missing = [i for i in selected if state.faces[i].reconstruction is None]
             if missing:

@@ -99,6 +99,25 @@ def test_edit_gain_round_trips_and_bad_gains_are_refused(tmp_path: Path) -> None
         load_pretrained(folder)
 
 
+def test_attribute_gains_round_trip_and_bad_ones_are_refused(tmp_path: Path) -> None:
+    folder, model = _saved(tmp_path)
+    assert load_pretrained(folder)[1].attribute_gains == {}  # absent: every slider uses edit_gain
+    arch, _ = get_preset("stgan-tiny")
+    attr = model.config.attributes[1]
+    save_pretrained(folder, model, architecture=arch, edit_gain=1.25, attribute_gains={attr: 2.0})
+    info = load_pretrained(folder)[1]
+    assert info.attribute_gains == {attr: 2.0}
+    expected = torch.full((len(info.attributes),), 1.25)
+    expected[1] = 2.0
+    assert torch.equal(info.gains(), expected)  # type: ignore[arg-type]
+    doc = json.loads((folder / "config.json").read_text())
+    for bad, message in (({"Not_An_Attribute": 2.0}, "Not_An_Attribute"), ({attr: 0}, "edit_gain"), ([2.0], "map")):
+        doc["attribute_gains"] = bad
+        (folder / "config.json").write_text(json.dumps(doc))
+        with pytest.raises(CheckpointError, match=message):
+            load_pretrained(folder)
+
+
 def test_truncated_weights_and_bad_json_are_refused(tmp_path: Path) -> None:
     folder, _ = _saved(tmp_path)
     data = (folder / "model.safetensors").read_bytes()

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from models.attributes import condition_vector, validate_attributes
+from models.attributes import condition_vector, edit_gain_spec, gain_text, gain_vector, validate_attributes
 from models.blocks import AttentionUNetConnection, SelectiveTransferUnit, SelfAttention
 from models.config import EncoderDecoderConfig, config_from_dict, config_to_dict
 from models.generators import Encoded
@@ -143,6 +143,29 @@ def test_edit_gain_scales_the_edit_and_keeps_zero_as_reconstruct() -> None:
     zero = torch.zeros_like(c_src)
     for mode in ("diff", "target"):
         assert torch.equal(condition_vector(c_src, zero, mode, gain=2.5), condition_vector(c_src, zero, mode))
+
+
+def test_attribute_gains_scale_their_own_attribute_only() -> None:
+    attrs = ("Bald", "Bangs", "Young")
+    # no slider of its own (or all at the common gain): one float, the exact arithmetic of before
+    assert edit_gain_spec(attrs, 1.25) == 1.25 == edit_gain_spec(attrs, 1.25, {"Bangs": 1.25})
+    assert gain_vector(attrs, 1.25) == 1.25
+    spec = edit_gain_spec(attrs, 1.0, {"Bangs": 2.0})
+    assert spec == {"Bald": 1.0, "Bangs": 2.0, "Young": 1.0} and gain_text(spec) == "×1 (Bangs ×2)"
+    gains = gain_vector(attrs, spec)
+    assert torch.equal(gains, torch.tensor([1.0, 2.0, 1.0]))  # type: ignore[arg-type]
+    c_src = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    c_diff = torch.tensor([[-1.0, 0.5, 0.5], [0.0, 1.0, -1.0]])
+    assert torch.equal(
+        condition_vector(c_src, c_diff, "diff", gains), torch.tensor([[-1.0, 1.0, 0.5], [0.0, 2.0, -1.0]])
+    )
+    # target coding: only the Bangs move away from the source is doubled
+    plain, own = condition_vector(c_src, c_diff, "target"), condition_vector(c_src, c_diff, "target", gains)
+    assert torch.equal(own[:, [0, 2]], plain[:, [0, 2]]) and torch.equal(own[:, 1], torch.tensor([1.0, 3.0]))
+    with pytest.raises(ValueError, match="Mustache"):
+        edit_gain_spec(attrs, 1.0, {"Mustache": 1.5})
+    with pytest.raises(ValueError, match="exactly"):
+        gain_vector(attrs, {"Bangs": 2.0})
 
 
 def test_encoded_select_and_cat_round_trip() -> None:

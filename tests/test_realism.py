@@ -267,6 +267,51 @@ def test_calibration_does_not_buy_edit_success_with_realism() -> None:
     assert choose_gain(rows, 0.92) == 1.5
 
 
+def test_a_slider_gets_its_own_gain_only_where_its_edits_gain_without_artifacts() -> None:
+    from training.metrics import choose_attribute_gains
+    from training.reports import calibration_table
+
+    attrs = ("Bald", "Mustache", "Young")
+
+    def row(gain: float, edit: dict, kid: dict, background: dict | None = None) -> dict:
+        return {
+            "edit_gain": gain,
+            "mean_edit_success": float(np.mean(list(edit.values()))),
+            "mean_preservation": 0.93,
+            "edit_success": edit,
+            "preservation": dict.fromkeys(attrs, 0.93),
+            "realism": {
+                "kid_x1000": 10.0,
+                "background_change_worst": 1.0,
+                "kid_x1000_per_attribute": kid,
+                "background_change": background or dict.fromkeys(attrs, 0.5),
+            },
+        }
+
+    rows = [
+        row(1.0, {"Bald": 0.20, "Mustache": 0.45, "Young": 0.95}, {"Bald": 60.0, "Mustache": 30.0, "Young": 5.0}),
+        # ×1.5: Mustache +30 points at +5 KID (worth it); Bald +20 points at +60 KID (not); Young nothing
+        row(1.5, {"Bald": 0.40, "Mustache": 0.75, "Young": 0.95}, {"Bald": 120.0, "Mustache": 35.0, "Young": 5.0}),
+    ]
+    assert choose_attribute_gains(rows, 1.0, attrs) == {"Mustache": 1.5}  # Young ties: the common gain
+    # a background that changes a lot at ×1.5 keeps Mustache at the common gain too
+    rows[1]["realism"]["background_change"]["Mustache"] = 40.0
+    assert choose_attribute_gains(rows, 1.0, attrs) == {}
+    # from a common gain of ×1.5, the sliders better at ×1 get ×1 of their own
+    assert choose_attribute_gains(rows, 1.5, attrs) == {"Bald": 1.0, "Mustache": 1.0}
+    del rows[0]["realism"]["kid_x1000_per_attribute"]
+    with pytest.raises(ValueError, match="per-attribute"):
+        choose_attribute_gains(rows, 1.0, attrs)
+    rows[0]["realism"]["kid_x1000_per_attribute"] = {"Bald": 60.0, "Mustache": 30.0, "Young": 5.0}
+    calibration = {"n_images": 10, "split": "val", "min_preservation": 0.92, "chosen": 1.0, "rows": rows}
+    table = calibration_table(calibration | {"per_attribute": True, "attribute_gains": {"Bald": 1.5}})
+    assert (
+        "own gain: Bald ×1.5" in table
+        and "| Bald | 20% / 93% / 60.0 / 0.50 | 40% / 93% / 120.0 / 0.50 | ×1.5 |" in table
+    )
+    assert "| Young |" in table and "| Young |" not in calibration_table(calibration)
+
+
 def test_the_background_loss_sees_changes_off_the_face_only() -> None:
     from training.losses import background_change, background_map
 

@@ -271,12 +271,16 @@ def test_edit_gain_scales_what_a_slider_asks_for(tmp_path: Path) -> None:
     doc = json.loads((root / "strong" / "config.json").read_text())
     doc["name"], doc["edit_gain"] = "strong", 2.0
     (root / "strong" / "config.json").write_text(json.dumps(doc))
+    shutil.copytree(root / "stgan", root / "own")  # ×2 on the Bangs slider alone
+    doc["name"], doc["edit_gain"], doc["attribute_gains"] = "own", 1.0, {"Bangs": 2.0}
+    (root / "own" / "config.json").write_text(json.dumps(doc))
     crop = _png(np.asarray(Image.open(PHOTOS / "portrait-2.jpg").convert("RGB").resize((32, 32))))
     # one precision for both: under "auto" each model is timed at start-up and may be served in another
     settings = Settings(weights_dir=root, default_model="stgan", precision="fp32")
     with TestClient(create_app(settings)) as c:
-        gains = {m["name"]: m["edit_gain"] for m in c.get("/v1/models").json()["models"]}
-        assert gains == {"stgan": 1.0, "strong": 2.0}
+        models = c.get("/v1/models").json()["models"]
+        assert {m["name"]: m["edit_gain"] for m in models} == {"stgan": 1.0, "strong": 2.0, "own": 1.0}
+        assert {m["name"]: m["attribute_gains"] for m in models}["own"] == {"Bangs": 2.0}
 
         def edited(model: str, value: float) -> np.ndarray:
             resp = _post(c, crop, mime="image/png", edits=json.dumps({"Bangs": value}), aligned="true", model=model)
@@ -286,6 +290,11 @@ def test_edit_gain_scales_what_a_slider_asks_for(tmp_path: Path) -> None:
         # half a slider on the ×2 model is a full slider on the ×1 model; a full one is not
         assert np.array_equal(edited("strong", 0.5), edited("stgan", 1.0))
         assert not np.array_equal(edited("strong", 1.0), edited("stgan", 1.0))
+        # an attribute's own gain scales its slider and no other
+        assert np.array_equal(edited("own", 0.5), edited("stgan", 1.0))
+        young = {"edits": json.dumps({"Young": 1.0}), "aligned": "true"}
+        own, plain = (_post(c, crop, mime="image/png", model=m, **young).json()["image"] for m in ("own", "stgan"))
+        assert np.array_equal(np.asarray(_decode_b64(own)), np.asarray(_decode_b64(plain)))
 
 
 def test_the_answer_format_follows_the_upload(client: TestClient) -> None:

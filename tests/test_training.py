@@ -270,12 +270,27 @@ def test_classifier_evaluate_and_export(prepared_cache: Path, tmp_path: Path) ->
     # an impossible preservation bound leaves the gain at 1
     cli([*cmd, "--gains", "2,3", "--min-preservation", "1.01", "--no-amp", "--realism-faces", "0"])
     assert load_pretrained(out)[1].edit_gain == 1.0
+    if metrics.get("realism"):  # sliders of their own need the realism probe (the Inception weights)
+        from models.attributes import gain_record
+        from training.metrics import choose_attribute_gains
+
+        cli([*cmd, "--gains", "1,2", "--min-preservation", "0", "--no-amp", "--realism-faces", "2", "--per-attribute"])
+        _, info = load_pretrained(out)
+        calibration = info.metrics["calibration"]
+        assert all(set(r["realism"]["kid_x1000_per_attribute"]) == set(STGAN_ATTRIBUTES) for r in calibration["rows"])
+        # what config.json serves is the rule applied to the rows it records
+        own = choose_attribute_gains(calibration["rows"], calibration["chosen"], STGAN_ATTRIBUTES)
+        assert info.attribute_gains == calibration["attribute_gains"] == own
+        assert "Each slider's own gain" in (out / "card.md").read_text()
+        cli([*evaluate, "--realism-faces", "0"])  # recorded at the model's own gains, one per slider or not
+        assert load_pretrained(out)[1].metrics["test"]["edit_gain"] == gain_record(info.gain())
     # re-exporting the same checkpoint keeps its calibration
     doc = json.loads((out / "config.json").read_text())
-    doc["edit_gain"] = 1.5
+    doc["edit_gain"], doc["attribute_gains"] = 1.5, {STGAN_ATTRIBUTES[0]: 2.0}
     (out / "config.json").write_text(json.dumps(doc))
     export_run(tmp_path / "run", out, checkpoint="best", cache_dir=prepared_cache)
-    assert load_pretrained(out)[1].edit_gain == 1.5
+    _, info = load_pretrained(out)
+    assert info.edit_gain == 1.5 and info.attribute_gains == {STGAN_ATTRIBUTES[0]: 2.0}
 
 
 def test_choose_gain_prefers_the_strongest_edit_that_keeps_the_other_attributes() -> None:

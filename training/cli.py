@@ -208,6 +208,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         args.min_preservation,
         _amp(args),
         realism_faces=args.realism_faces,
+        per_attribute=args.per_attribute,
     )
 
 
@@ -338,6 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--min-preservation", type=float, default=0.92, help="mean preservation a gain must keep")
     _precision_args(s)
     s.add_argument("--realism-faces", type=int, default=20, help="faces of the realism probe per gain (0: none)")
+    s.add_argument(
+        "--per-attribute",
+        action="store_true",
+        help="also give a slider its own gain where another candidate scores better on its edits alone "
+        "(edit success, preservation, matched KID and background change of that attribute; needs the probe)",
+    )
     s.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("export", help="export a run's checkpoint into weights/<name>")

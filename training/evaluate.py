@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from models.attributes import EditGain, edit_gain_spec, gain_record, gain_text
 from models.checkpoint import CONFIG_FILE, DISCRIMINATOR_FILE, load_pretrained, read_config, read_tensors, write_config
 from models.device import pick_device
 from models.generators import AttributeGenerator
@@ -15,7 +16,7 @@ from training.checkpoints import ema_generator_from_checkpoint
 from training.config import TrainConfig
 from training.data import CachedFaces
 from training.export import update_metrics, write_release_samples
-from training.metrics import choose_gain, evaluate_generator
+from training.metrics import choose_attribute_gains, choose_gain, evaluate_generator
 from training.networks import build_discriminator
 from training.realism import RealismConfig, RealismInputs, RealismUnavailableError, realism_inputs, realism_on_split
 from training.reports import COMBINED_SAMPLES_FILE, SAMPLES_FILE, markdown_table, write_card
@@ -23,14 +24,15 @@ from training.reports import COMBINED_SAMPLES_FILE, SAMPLES_FILE, markdown_table
 log = logging.getLogger(__name__)
 
 
-def load_generator(model: str | Path) -> tuple[AttributeGenerator, float]:
-    """The generator (fp32) of a released folder or a training checkpoint, and its edit gain."""
+def load_generator(model: str | Path) -> tuple[AttributeGenerator, EditGain]:
+    """The generator (fp32) of a released folder or a training checkpoint, and its edit gain (one for
+    every slider, or each attribute's where it has sliders calibrated on their own)."""
     path = Path(model)
     if path.is_dir():
         gen, info = load_pretrained(path)
         if info.kind != "generator":
             raise SystemExit(f"{path} holds a {info.kind}, not a generator")
-        return gen.float(), info.edit_gain  # type: ignore[return-value]
+        return gen.float(), info.gain()  # type: ignore[return-value]
     _, gen, _ = ema_generator_from_checkpoint(path)
     return gen, 1.0
 
@@ -65,12 +67,12 @@ def evaluate_command(
     out: str | None,
     limit: int | None,
     amp: bool,
-    gain: float | None = None,
+    gain: EditGain | None = None,
     realism_faces: int = 60,
     realism_combined: int = 120,
     realism_only: bool = False,
 ) -> dict:
-    """Evaluate at ``gain`` (default: the model's own edit gain). Only a full test-split run at the
+    """Evaluate at ``gain`` (default: the model's own edit gains). Only a full test-split run at the
     model's own gain is recorded in its config.json and card. ``realism_faces`` > 0 adds the
     realism report (:mod:`training.realism`) on that many faces of the split."""
     device = pick_device("auto")
@@ -108,7 +110,7 @@ def evaluate_command(
     (out_dir / "metrics.md").write_text(markdown_table(metrics))
     if Path(model).is_dir() and split == "test" and limit is None and gain == own_gain:
         recorded = (read_config(Path(model)).get("metrics") or {}).get("test") or {}
-        if "realism" not in metrics and recorded.get("realism") and recorded.get("edit_gain", 1.0) == gain:
+        if "realism" not in metrics and recorded.get("realism") and recorded.get("edit_gain", 1.0) == gain_record(gain):
             # the realism report depends on the generator and the gain only: a classifier-only re-run keeps it
             metrics["realism"] = recorded["realism"]
         update_metrics(model, "test", metrics)
@@ -117,13 +119,20 @@ def evaluate_command(
 
 
 def _realism_only(
-    model: str, gen: AttributeGenerator, cache_dir: str, split: str, gain: float, faces: int, combined: int, amp: bool
+    model: str,
+    gen: AttributeGenerator,
+    cache_dir: str,
+    split: str,
+    gain: EditGain,
+    faces: int,
+    combined: int,
+    amp: bool,
 ) -> dict:
     """Add the realism report to a released model's recorded test metrics (measured at the same gain)
     without re-running the classifier's evaluation."""
     folder = Path(model)
     recorded = (read_config(folder).get("metrics") or {}).get("test") if folder.is_dir() else None
-    if split != "test" or recorded is None or recorded.get("edit_gain", 1.0) != gain:
+    if split != "test" or recorded is None or recorded.get("edit_gain", 1.0) != gain_record(gain):
         raise SystemExit("--realism-only adds to a released model's test metrics at its own gain: run evaluate first")
     report = _realism(gen, cache_dir, split, gain, RealismConfig(n_faces=faces, n_combined=combined), amp)
     if report is None:
@@ -137,7 +146,7 @@ def _realism(
     gen: AttributeGenerator,
     cache_dir: str,
     split: str,
-    gain: float,
+    gain: EditGain,
     config: RealismConfig,
     amp: bool,
     inputs: RealismInputs | None = None,
@@ -174,15 +183,20 @@ def calibrate_command(
     amp: bool,
     n_samples: int = 6,
     realism_faces: int = 20,
-) -> float:
+    per_attribute: bool = False,
+) -> EditGain:
     """Pick the edit gain of a released model on the val split and write it into its config.json.
 
     The chosen gain is the one with the highest mean edit success, less a realism penalty measured
     on ``realism_faces`` faces (matched KID and background change, see ``realism_penalty``), among
-    those whose mean preservation stays at or above ``min_preservation`` (1.0 if none does). Test
-    metrics measured at another gain are dropped (they no longer describe the served model); samples.png and the card
-    are rewritten.
+    those whose mean preservation stays at or above ``min_preservation`` (1.0 if none does).
+    ``per_attribute`` then gives a slider its own gain where another candidate scores better on that
+    attribute's edits alone (:func:`training.metrics.choose_attribute_gains`). Test metrics measured at
+    other gains are dropped (they no longer describe the served model); samples.png and the card are
+    rewritten.
     """
+    if per_attribute and realism_faces <= 0:
+        raise SystemExit("--per-attribute needs the realism probe (--realism-faces > 0)")
     folder = Path(model)
     if not folder.is_dir():
         raise SystemExit(f"calibrate needs a released model folder (weights/<name>), not {model}")
@@ -209,12 +223,19 @@ def calibrate_command(
             100 * m["mean_edit_success"],
             100 * m["mean_preservation"],
         )
-        row = {k: m[k] for k in ("edit_gain", "mean_edit_success", "mean_preservation", "edit_success")}
+        row = {k: m[k] for k in ("edit_gain", "mean_edit_success", "mean_preservation", "edit_success", "preservation")}
         if realism_faces > 0:
             probe = RealismConfig(n_faces=realism_faces, n_combined=0, subset_size=realism_faces * 13)
             report = _realism(gen, cache_dir, split, g, probe, amp, probe_inputs)
             if report is not None:
-                row["realism"] = {k: report[k] for k in ("kid_x1000", "background_change_worst", "protocol")}
+                keys = (
+                    "kid_x1000",
+                    "background_change_worst",
+                    "kid_x1000_per_attribute",
+                    "background_change",
+                    "protocol",
+                )
+                row["realism"] = {k: report[k] for k in keys}
                 log.info(
                     "gain %.2f: matched KID×1000 %.1f, worst background change %.2f",
                     g,
@@ -223,25 +244,32 @@ def calibrate_command(
                 )
         rows.append(row)
     chosen = choose_gain(rows, min_preservation)
+    own = choose_attribute_gains(rows, chosen, attributes) if per_attribute and probe_inputs is not None else {}
+    gain = edit_gain_spec(attributes, chosen, own)
     doc = read_config(folder)
     doc["edit_gain"] = chosen
+    doc.pop("attribute_gains", None)
+    if own:
+        doc["attribute_gains"] = own
     metrics = doc.setdefault("metrics", {})
     metrics["calibration"] = {
         "split": split,
         "n_images": len(data),
         "min_preservation": min_preservation,
         "chosen": chosen,
+        "per_attribute": per_attribute,
+        "attribute_gains": own,
         "rows": rows,
     }
-    if "test" in metrics and metrics["test"].get("edit_gain", 1.0) != chosen:
+    if "test" in metrics and metrics["test"].get("edit_gain", 1.0) != gain_record(gain):
         log.info("dropping the test metrics measured at gain %s", metrics["test"].get("edit_gain", 1.0))
         del metrics["test"]
     write_config(folder, doc)
-    write_release_samples(gen.cpu(), cache_dir, folder / SAMPLES_FILE, n_samples, gain=chosen)
-    write_release_samples(gen.cpu(), cache_dir, folder / COMBINED_SAMPLES_FILE, n_samples, gain=chosen, combined=True)
+    write_release_samples(gen.cpu(), cache_dir, folder / SAMPLES_FILE, n_samples, gain=gain)
+    write_release_samples(gen.cpu(), cache_dir, folder / COMBINED_SAMPLES_FILE, n_samples, gain=gain, combined=True)
     write_card(folder)
-    log.info("edit gain of %s: %s", folder, chosen)
-    return chosen
+    log.info("edit gain of %s: %s", folder, gain_text(gain))
+    return gain
 
 
 def grid_command(model: str, cache_dir: str, split: str, out: str, n: int, offset: int, combined: bool = False) -> None:

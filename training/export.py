@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from models.attributes import EditGain, edit_gain_spec
 from models.checkpoint import (
     CONFIG_FILE,
     DISCRIMINATOR_FILE,
@@ -84,9 +85,9 @@ def export_run(
     best = json.loads(meta.get("best_metrics") or "{}")
     metrics: dict[str, Any] = {"val": best} if best else {}
     out = Path(out)
-    # Keep the calibrated edit gain and test metrics of an earlier export only if they belong to
+    # Keep the calibrated edit gains and test metrics of an earlier export only if they belong to
     # this very checkpoint; a new checkpoint starts at gain 1 until `calibrate` runs.
-    edit_gain = 1.0
+    edit_gain, attribute_gains = 1.0, {}
     if (out / CONFIG_FILE).is_file():
         try:
             old = read_config(out)
@@ -94,6 +95,7 @@ def export_run(
             old = {}
         if old.get("training", {}).get("steps") == step:
             edit_gain = float(old.get("edit_gain", 1.0))
+            attribute_gains = old.get("attribute_gains") or {}
             for key in ("calibration", "test"):
                 if key in old.get("metrics", {}):
                     metrics[key] = old["metrics"][key]
@@ -105,13 +107,15 @@ def export_run(
         name=name or out.name,
         alignment_template=template,
         edit_gain=edit_gain,
+        attribute_gains=attribute_gains,
         metrics=metrics,
         training=training,
     )
     export_discriminator(ckpt, out, train_cfg, gen.config.image_size, dtype)
     if cache_dir is not None and (Path(cache_dir) / "meta.json").is_file():
-        write_release_samples(gen, cache_dir, out / SAMPLES_FILE, n_samples, gain=edit_gain)
-        write_release_samples(gen, cache_dir, out / COMBINED_SAMPLES_FILE, n_samples, gain=edit_gain, combined=True)
+        gain = edit_gain_spec(gen.config.attributes, edit_gain, attribute_gains)
+        write_release_samples(gen, cache_dir, out / SAMPLES_FILE, n_samples, gain=gain)
+        write_release_samples(gen, cache_dir, out / COMBINED_SAMPLES_FILE, n_samples, gain=gain, combined=True)
     elif cache_dir is not None:
         log.warning("no dataset cache in %s: no samples.png (pass --cache-dir)", cache_dir)
     write_card(out)
@@ -147,7 +151,7 @@ def write_release_samples(
     n: int,
     split: str = "test",
     offset: int = 0,
-    gain: float = 1.0,
+    gain: EditGain = 1.0,
     combined: bool = False,
 ) -> None:
     """A grid of ``n`` faces of ``split``: every attribute flipped, or (``combined``) several at once."""

@@ -15,7 +15,14 @@ import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from torch import nn
 
-from models.attributes import condition_vector, exclusive_groups_for, implied_changes
+from models.attributes import (
+    EditGain,
+    condition_vector,
+    exclusive_groups_for,
+    gain_record,
+    gain_vector,
+    implied_changes,
+)
 from models.generators import AttributeGenerator
 from training.realism import realism_penalty
 from training.reports import QUALITY_TARGETS, rows_keeping_preservation
@@ -59,19 +66,19 @@ def evaluate_generator(
     device: torch.device | str = "cpu",
     amp: bool = False,
     progress: bool = False,
-    gain: float = 1.0,
+    gain: EditGain = 1.0,
     discriminator: nn.Module | None = None,
     kept_flips: bool = False,
 ) -> dict:
     """Metrics on ``images`` (N, 3, H, W in [-1, 1]) with ground-truth ``labels`` (N, n_attrs in {0,1}).
 
-    Each attribute is flipped with a difference of ±1 scaled by the edit ``gain`` (what the served
-    model does at a slider's end); reconstruction uses a zero difference. With the run's
-    ``discriminator`` (its classifier head over ``attributes``), ``d_edit_success`` is the share of the
-    same edits D's classifier takes for flipped: far above ``edit_success``, the generator satisfies D
-    with something the independent classifier does not accept as the attribute. ``kept_flips`` adds,
-    per edit, the share of faces whose reading of each kept attribute changed (which ones cost
-    preservation; ``.ci/preservation_flips.py``).
+    Each attribute is flipped with a difference of ±1 scaled by the edit ``gain`` (one for all, or each
+    attribute's own: what the served model does at a slider's end); reconstruction uses a zero difference. With
+    the run's ``discriminator`` (its classifier head over ``attributes``), ``d_edit_success`` is the share of
+    the same edits D's classifier takes for flipped: far above ``edit_success``, the generator satisfies D with
+    something the independent classifier does not accept as the attribute. ``kept_flips`` adds, per edit, the
+    share of faces whose reading of each kept attribute changed (which ones cost preservation;
+    ``.ci/preservation_flips.py``).
     """
     from tqdm import tqdm
 
@@ -83,6 +90,9 @@ def evaluate_generator(
     mode = generator.config.conditioning
     groups = exclusive_groups_for(list(attributes))
     n_attr = len(attributes)
+    gains = gain_vector(attributes, gain)
+    if torch.is_tensor(gains):
+        gains = gains.to(device)
     cls_idx = [classifier_attributes.index(a) for a in attributes] if classifier is not None else []
     psnrs: list[float] = []
     ssims: list[float] = []
@@ -126,7 +136,7 @@ def evaluate_generator(
         for i in range(n_attr):
             c_trg = flip_targets(c_src, i, groups)
             with autocast:
-                x_edit, mask = generator.decode(encoded, condition_vector(c_src, c_trg - c_src, mode, gain))
+                x_edit, mask = generator.decode(encoded, condition_vector(c_src, c_trg - c_src, mode, gains))
             mask_means[i] += mask.float().mean(dim=(1, 2, 3)).sum().item()
             if discriminator is not None:
                 with autocast:
@@ -147,7 +157,7 @@ def evaluate_generator(
             flipped_count[i] += keep.sum(0).cpu().numpy()
     out: dict = {
         "n_images": n_total,
-        "edit_gain": gain,
+        "edit_gain": gain_record(gain),
         "psnr": float(np.mean(psnrs)),
         "ssim": float(np.mean(ssims)),
         "psnr_raw": float(np.mean(psnrs_raw)),
@@ -205,3 +215,37 @@ def choose_gain(rows: list[dict], min_preservation: float) -> float:
         return 1.0
     best = max(ok, key=lambda r: (round(r["mean_edit_success"] - realism_penalty(r), 6), -r["edit_gain"]))
     return float(best["edit_gain"])
+
+
+def attribute_gain_value(row: dict, attribute: str) -> float:
+    """How good a gain's row is for one slider: :func:`selection_score`'s weights on that attribute's
+    edits alone, ``0.5 edit success + 0.3 preservation - 0.005 (matched KID×1000 + background change)``."""
+    realism = row["realism"]
+    return (
+        0.5 * row["edit_success"][attribute]
+        + 0.3 * row["preservation"][attribute]
+        - 0.005 * realism["kid_x1000_per_attribute"][attribute]
+        - 0.005 * realism["background_change"][attribute]
+    )
+
+
+def choose_attribute_gains(rows: list[dict], base: float, attributes: tuple[str, ...]) -> dict[str, float]:
+    """Sliders that get a gain of their own: for each attribute, the row's gain with the best
+    :func:`attribute_gain_value` (on ties ``base``, else the smaller gain), where it is not ``base``.
+
+    An attribute's single edits move only its own difference (and those its exclusive group implies),
+    so each slider is scored on its own edits; a gain that makes the attribute's matched KID or
+    background change worse pays for it, as a checkpoint does in selection. Rows need the per-attribute
+    ``edit_success`` and ``preservation`` and a realism probe with per-attribute KID and background change.
+    """
+    missing = [r["edit_gain"] for r in rows if not (r.get("realism") or {}).get("kid_x1000_per_attribute")]
+    if missing:
+        raise ValueError(f"per-attribute gains need a realism probe with per-attribute KID at every gain: {missing}")
+    own = {}
+    for a in attributes:
+        best = max(
+            rows, key=lambda r: (round(attribute_gain_value(r, a), 6), float(r["edit_gain"]) == base, -r["edit_gain"])
+        )
+        if float(best["edit_gain"]) != float(base):
+            own[a] = float(best["edit_gain"])
+    return own

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from scipy import linalg
 
-from models.attributes import condition_vector, exclusive_groups_for
+from models.attributes import EditGain, condition_vector, exclusive_groups_for, gain_record, gain_vector
 from models.generators import AttributeGenerator
 from models.precision import autocast
 from training.data import CachedFaces
@@ -268,7 +268,7 @@ def realism_report(
     other: SplitFaces,
     attributes: tuple[str, ...],
     cache: FeatureCache,
-    gain: float = 1.0,
+    gain: EditGain = 1.0,
     config: RealismConfig | None = None,
     precision: str = "fp32",
     device: torch.device | str = "cpu",
@@ -292,11 +292,14 @@ def realism_report(
     groups = exclusive_groups_for(list(attributes))
     mode = generator.config.conditioning
     n_attr = len(attributes)
+    gains = gain_vector(attributes, gain)
+    if torch.is_tensor(gains):
+        gains = gains.to(device)
 
     def run(x_u8: torch.Tensor, c_src: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
         x = (x_u8.float() / 127.5 - 1).to(device)
         with autocast(device, precision):
-            out, _ = generator(x, condition_vector(c_src.to(device), diff.to(device), mode, gain))
+            out, _ = generator(x, condition_vector(c_src.to(device), diff.to(device), mode, gains))
         return to_uint8(out.float().cpu())
 
     # single edits: every face x every attribute, flipped at the slider's end
@@ -364,7 +367,7 @@ def realism_report(
             "kid_subsets": cfg.n_subsets,
             "kid_subset_size_pooled": min(cfg.subset_size, len(x_edit)),
             "kid_subset_size_per_attribute": min(cfg.subset_size, n_faces),
-            "edit_gain": gain,
+            "edit_gain": gain_record(gain),
             "split": faces.name,
             "floor_split": other.name,
         },
@@ -430,7 +433,7 @@ def realism_on_split(
     generator: AttributeGenerator,
     cache_dir: str | Path,
     split: str,
-    gain: float,
+    gain: EditGain,
     config: RealismConfig,
     precision: str = "fp32",
     device: torch.device | str = "cpu",

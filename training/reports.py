@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from models.attributes import edit_gain_spec, gain_text
 from models.checkpoint import CONFIG_FILE, atomic_write_bytes, read_config
 from models.device import machine_description
 
@@ -106,7 +107,33 @@ def calibration_table(calibration: dict) -> str:
         lines.append(
             f"| ×{r['edit_gain']:g}{mark} | {r['mean_edit_success']:.1%} | {r['mean_preservation']:.1%} | {extra} |"
         )
+    if calibration.get("per_attribute"):
+        lines += ["", attribute_gain_table(calibration)]
     return "\n".join(lines) + "\n"
+
+
+def attribute_gain_table(calibration: dict) -> str:
+    """Per slider, at each candidate gain: edit success, preservation, matched KID×1000 and background change
+    of that attribute's edits alone (the probe's), and the gain it serves at."""
+    rows, own, base = calibration["rows"], calibration.get("attribute_gains") or {}, calibration["chosen"]
+    served_any = ", ".join(f"{a.replace('_', ' ')} ×{g:g}" for a, g in own.items()) or "none"
+    head = "| attribute | " + " | ".join(f"×{r['edit_gain']:g}" for r in rows) + " | serves at |"
+    lines = [
+        "Each slider's own gain (`--per-attribute`): the candidate with the best `0.5 edit + 0.3 preservation "
+        "- 0.005 (KID×1000 + background)` on that attribute's edits alone (cells: edit success / preservation "
+        f"/ matched KID×1000 / background change). Sliders with their own gain: {served_any}.",
+        "",
+        head,
+        "|---|" + "---|" * (len(rows) + 1),
+    ]
+    for a in rows[0]["edit_success"]:
+        cells = [
+            f"{r['edit_success'][a]:.0%} / {r['preservation'][a]:.0%} / "
+            f"{r['realism']['kid_x1000_per_attribute'][a]:.1f} / {r['realism']['background_change'][a]:.2f}"
+            for r in rows
+        ]
+        lines.append(f"| {a.replace('_', ' ')} | " + " | ".join(cells) + f" | ×{own.get(a, base):g} |")
+    return "\n".join(lines)
 
 
 def markdown_table(metrics: dict) -> str:
@@ -127,7 +154,7 @@ def markdown_table(metrics: dict) -> str:
         d_success = metrics.get("d_edit_success")
         free = metrics.get("preservation_excl_implied")  # absent from reports written before 2026-12-01
         lines += [
-            f"Edits flip one attribute with a difference of ±1 (a slider's end), edit gain ×{gain:g}."
+            f"Edits flip one attribute with a difference of ±1 (a slider's end), edit gain {gain_text(gain)}."
             + (
                 " *D takes for flipped*: the share of the same edits the training discriminator's classifier"
                 " accepts; far above the edit success, the generator satisfies D with something that is not"
@@ -172,7 +199,7 @@ def realism_markdown(report: dict) -> str:
     if "kid_x1000_floor" not in report:
         return (
             f"Realism probe ({p['n_faces']} {p['split'].rsplit(':', 2)[-2]} faces × 13 single edits, gain "
-            f"×{p['edit_gain']:g}): matched KID×1000 {report['kid_x1000']:.1f}, worst attribute "
+            f"{gain_text(p['edit_gain'])}): matched KID×1000 {report['kid_x1000']:.1f}, worst attribute "
             f"{report.get('kid_x1000_worst', float('nan')):.1f}, worst background change "
             f"{report['background_change_worst']:.2f}.\n"
         )
@@ -182,7 +209,7 @@ def realism_markdown(report: dict) -> str:
         return "" if target is None else (" ✅" if value <= target else " ❌")
 
     lines = [
-        f"Realism on the {p['split'].rsplit(':', 2)[-2]} split at edit gain ×{p['edit_gain']:g}: "
+        f"Realism on the {p['split'].rsplit(':', 2)[-2]} split at edit gain {gain_text(p['edit_gain'])}: "
         f"{p['n_faces']} faces × {p['single_edits'] // max(p['n_faces'], 1)} single edits at a slider's end, "
         f"{p['combined_edits']} combined edits (2-4 sliders at random strengths in [0.5, 1]); each edit is "
         f"compared with a real face of the same split that has the edit's target labels. KID×1000: "
@@ -288,12 +315,17 @@ def write_card(folder: str | Path) -> None:
     if tc.get("data"):
         parts.append(f"- data: `{tc['data']}` (cache `{tc.get('cache_dir')}`)")
     parts.append("")
-    gain = float(doc.get("edit_gain", 1.0))
+    gain = edit_gain_spec(doc.get("attributes") or [], float(doc.get("edit_gain", 1.0)), doc.get("attribute_gains"))
+    own = (
+        " Sliders calibrated on their own gain (`attribute_gains` in config.json) use it instead."
+        if isinstance(gain, dict)
+        else ""
+    )
     parts += [
         "## Slider",
         "",
         f"A slider at ±1 asks for an attribute difference of ±1, which the model receives multiplied by its "
-        f"**edit gain ×{gain:g}** (STGAN's `test_int` at test time; training always uses ×1).",
+        f"**edit gain {gain_text(gain)}** (STGAN's `test_int` at test time; training always uses ×1).{own}",
         "",
     ]
     if metrics.get("calibration"):
@@ -301,8 +333,13 @@ def write_card(folder: str | Path) -> None:
     else:
         parts += ["Not calibrated yet: `python -m training calibrate --model <folder>` picks it on val.", ""]
     if metrics.get("val"):
-        val_gain = float(metrics["val"].get("edit_gain", tc.get("eval_gain", 1.0)))
-        parts += [f"## Validation (at selection, edit gain ×{val_gain:g})", "", markdown_table(metrics["val"]), ""]
+        val_gain = metrics["val"].get("edit_gain", tc.get("eval_gain", 1.0))
+        parts += [
+            f"## Validation (at selection, edit gain {gain_text(val_gain)})",
+            "",
+            markdown_table(metrics["val"]),
+            "",
+        ]
     if "test" in metrics:
         t = metrics["test"]
         parts += [
@@ -322,7 +359,12 @@ def write_card(folder: str | Path) -> None:
     )
     for file, title, what in grids:
         if (folder / file).is_file():
-            parts += [f"## {title} (test faces, edit gain ×{gain:g}; {what})", "", f"![{title.lower()}]({file})", ""]
+            parts += [
+                f"## {title} (test faces, edit gain {gain_text(gain)}; {what})",
+                "",
+                f"![{title.lower()}]({file})",
+                "",
+            ]
     parts += [
         "## Licence",
         "",

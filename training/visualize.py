@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from models.attributes import condition_vector, exclusive_groups_for
+from models.attributes import EditGain, condition_vector, exclusive_groups_for, gain_vector
 from models.generators import AttributeGenerator
 from training.metrics import flip_targets, to_uint8
 
@@ -22,7 +22,7 @@ def edit_grid(
     attributes: tuple[str, ...],
     amp: bool = False,
     with_masks: bool = True,
-    gain: float = 1.0,
+    gain: EditGain = 1.0,
 ) -> Image.Image:
     """Columns: input, reconstruction, then each attribute flipped (difference ±1 times ``gain``);
     a mask row under each face."""
@@ -30,13 +30,14 @@ def edit_grid(
     generator.eval()
     mode = generator.config.conditioning
     groups = exclusive_groups_for(list(attributes))
+    gains = _on(gain_vector(attributes, gain), x)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
         encoded = generator.prepare_decode(generator.encode(x))
         cols = [(x, torch.zeros_like(x[:, :1]))]
         cols.append(generator.decode(encoded, condition_vector(c_src, torch.zeros_like(c_src), mode)))
         for i in range(len(attributes)):
             c_trg = flip_targets(c_src, i, groups)
-            cols.append(generator.decode(encoded, condition_vector(c_src, c_trg - c_src, mode, gain)))
+            cols.append(generator.decode(encoded, condition_vector(c_src, c_trg - c_src, mode, gains)))
     generator.train(was_training)
     names = ["input", "reconstruction", *[a.replace("_", " ") for a in attributes]]
     return _compose(x, cols, names, with_masks)
@@ -60,7 +61,7 @@ def combined_grid(
     c_src: torch.Tensor,
     attributes: tuple[str, ...],
     combinations: tuple[tuple[str, ...], ...] = COMBINATIONS,
-    gain: float = 1.0,
+    gain: EditGain = 1.0,
     with_masks: bool = True,
 ) -> Image.Image:
     """Columns: input, then each combination's attributes flipped together (differences ±1 times
@@ -71,16 +72,21 @@ def combined_grid(
     mode = generator.config.conditioning
     groups = exclusive_groups_for(list(attributes))
     usable = [combo for combo in combinations if all(a in attributes for a in combo)]
+    gains = _on(gain_vector(attributes, gain), x)
     encoded = generator.prepare_decode(generator.encode(x))
     cols = [(x, torch.zeros_like(x[:, :1]))]
     for combo in usable:
         c_trg = c_src
         for name in combo:
             c_trg = flip_targets(c_trg, attributes.index(name), groups)
-        cols.append(generator.decode(encoded, condition_vector(c_src, c_trg - c_src, mode, gain)))
+        cols.append(generator.decode(encoded, condition_vector(c_src, c_trg - c_src, mode, gains)))
     generator.train(was_training)
     names = ["input", *[" + ".join(a.split("_")[0] for a in combo) for combo in usable]]
     return _compose(x, cols, names, with_masks)
+
+
+def _on(gains: float | torch.Tensor, x: torch.Tensor) -> float | torch.Tensor:
+    return gains.to(x.device) if torch.is_tensor(gains) else gains
 
 
 def _compose(

@@ -74,6 +74,10 @@ function renderModelInfo() {
     ["precision", m.precision],
     ["slider ±1 =", `attribute difference ×${m.edit_gain ?? 1}`],
   ];
+  const own = Object.entries(m.attribute_gains || {});
+  if (own.length) {
+    rows.push(["own gains", own.map(([a, g]) => `${a.replaceAll("_", " ")} ×${g}`).join(", ")]);
+  }
   const test = (m.metrics || {}).test || (m.metrics || {}).val;
   if (test) {
     rows.push(["PSNR / SSIM", `${test.psnr?.toFixed(2)} dB / ${test.ssim?.toFixed(3)}`]);
