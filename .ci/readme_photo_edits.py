@@ -41,7 +41,7 @@ EDITS: list[tuple[str, dict[str, float]]] = [
 ]
 TILE = 220
 HEADER = 16
-LABEL = 110
+LABEL = 150
 
 
 def main() -> None:
@@ -61,10 +61,10 @@ def main() -> None:
     for j, (label, _) in enumerate(EDITS):
         draw.text((LABEL + j * TILE + 3, 2), label, fill="black")
     for i, model in enumerate(models):
+        # "stgan\nx1.5\n(Blond Hair x1,\nMale x1)": one slider of its own per line, the label column is narrow
         gain = gain_text(state.registry.generators[model].info.gain()).replace("×", "x")
-        draw.multiline_text(
-            (3, HEADER + i * TILE + TILE // 2), f"{model}\n{gain.replace(' (', chr(10) + '(')}", fill="black"
-        )
+        label = model + "\n" + gain.replace(" (", "\n(").replace(", ", ",\n")
+        draw.multiline_text((3, HEADER + i * TILE + TILE // 2 - 20), label, fill="black")
         for j, (_, edits) in enumerate(EDITS):
             result = state.service.edit(EditRequest(image=data, edits=edits, model=model, faces="largest"))
             x0, y0, x1, y1 = result.faces[0].region

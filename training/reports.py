@@ -93,7 +93,8 @@ def calibration_table(calibration: dict) -> str:
         f"success, less the realism penalty, with mean preservation ≥ {calibration['min_preservation']:.0%}."
     )
     if not rows_keeping_preservation(calibration["rows"], calibration["min_preservation"]):
-        rule += " No gain kept that preservation, so the model serves at ×1, the rule's fallback."
+        rule += " No gain kept that preservation, so the model serves at ×1, the rule's fallback"
+        rule += " (before the sliders' own gains below)." if calibration.get("per_attribute") else "."
     lines = [
         rule,
         "",
