@@ -216,14 +216,16 @@ def edit_gain_spec(
     return {a: float(attribute_gains.get(a, edit_gain)) for a in attributes}
 
 
-def gain_vector(attributes: Sequence[str], gain: EditGain) -> float | torch.Tensor:
+def gain_vector(
+    attributes: Sequence[str], gain: EditGain, device: torch.device | str | None = None
+) -> float | torch.Tensor:
     """What :func:`condition_vector` multiplies by: a float for one gain, so those models keep their exact
-    arithmetic; an (n_attrs,) tensor that scales each attribute's difference by its own gain."""
+    arithmetic; an (n_attrs,) tensor on ``device`` that scales each attribute's difference by its own gain."""
     if not isinstance(gain, Mapping):
         return float(gain)
     if set(gain) != set(attributes):
         raise ValueError(f"per-attribute gains must name exactly the model's attributes, got {sorted(gain)}")
-    return torch.tensor([float(gain[a]) for a in attributes])
+    return torch.tensor([float(gain[a]) for a in attributes], device=device)
 
 
 def gain_record(gain: EditGain) -> float | dict[str, float]:

@@ -132,7 +132,7 @@ def detect_faces(
 
     if not scales:  # smaller than P-Net's 12-px window at the largest scale (e.g. a thin strip)
         return _no_faces()
-    table = summed_area_table(np.ascontiguousarray(image)).to(device)
+    table = summed_area_table(image).to(device)
     # first stage: P-Net over the pyramid (facenet's code path; its whole-image area resizes from the table)
     boxes_all, picks, offset = [], [], 0
     for scale in scales:

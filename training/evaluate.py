@@ -213,6 +213,8 @@ def calibrate_command(
     try:  # the splits and the Inception network once, for every gain's probe
         probe_inputs = realism_inputs(cache_dir, split, attributes) if realism_faces > 0 else None
     except RealismUnavailableError as exc:
+        if per_attribute:
+            raise SystemExit(f"--per-attribute needs the realism probe: {exc}") from None
         log.warning("no realism probe: %s", exc)
         probe_inputs, realism_faces = None, 0
     for g in gains:
@@ -244,7 +246,7 @@ def calibrate_command(
                 )
         rows.append(row)
     chosen = choose_gain(rows, min_preservation)
-    own = choose_attribute_gains(rows, chosen, attributes) if per_attribute and probe_inputs is not None else {}
+    own = choose_attribute_gains(rows, chosen, attributes) if per_attribute else {}
     gain = edit_gain_spec(attributes, chosen, own)
     doc = read_config(folder)
     doc["edit_gain"] = chosen

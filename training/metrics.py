@@ -90,9 +90,7 @@ def evaluate_generator(
     mode = generator.config.conditioning
     groups = exclusive_groups_for(list(attributes))
     n_attr = len(attributes)
-    gains = gain_vector(attributes, gain)
-    if torch.is_tensor(gains):
-        gains = gains.to(device)
+    gains = gain_vector(attributes, gain, device)
     cls_idx = [classifier_attributes.index(a) for a in attributes] if classifier is not None else []
     psnrs: list[float] = []
     ssims: list[float] = []

@@ -292,9 +292,7 @@ def realism_report(
     groups = exclusive_groups_for(list(attributes))
     mode = generator.config.conditioning
     n_attr = len(attributes)
-    gains = gain_vector(attributes, gain)
-    if torch.is_tensor(gains):
-        gains = gains.to(device)
+    gains = gain_vector(attributes, gain, device)
 
     def run(x_u8: torch.Tensor, c_src: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
         x = (x_u8.float() / 127.5 - 1).to(device)

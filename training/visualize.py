@@ -30,7 +30,7 @@ def edit_grid(
     generator.eval()
     mode = generator.config.conditioning
     groups = exclusive_groups_for(list(attributes))
-    gains = _on(gain_vector(attributes, gain), x)
+    gains = gain_vector(attributes, gain, x.device)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
         encoded = generator.prepare_decode(generator.encode(x))
         cols = [(x, torch.zeros_like(x[:, :1]))]
@@ -72,7 +72,7 @@ def combined_grid(
     mode = generator.config.conditioning
     groups = exclusive_groups_for(list(attributes))
     usable = [combo for combo in combinations if all(a in attributes for a in combo)]
-    gains = _on(gain_vector(attributes, gain), x)
+    gains = gain_vector(attributes, gain, x.device)
     encoded = generator.prepare_decode(generator.encode(x))
     cols = [(x, torch.zeros_like(x[:, :1]))]
     for combo in usable:
@@ -83,10 +83,6 @@ def combined_grid(
     generator.train(was_training)
     names = ["input", *[" + ".join(a.split("_")[0] for a in combo) for combo in usable]]
     return _compose(x, cols, names, with_masks)
-
-
-def _on(gains: float | torch.Tensor, x: torch.Tensor) -> float | torch.Tensor:
-    return gains.to(x.device) if torch.is_tensor(gains) else gains
 
 
 def _compose(
