@@ -310,6 +310,8 @@ def test_a_slider_gets_its_own_gain_only_where_its_edits_gain_without_artifacts(
         and "| Bald | 20% / 93% / 60.0 / 0.50 | 40% / 93% / 120.0 / 0.50 | ×1.5 |" in table
     )
     assert "| Young |" in table and "| Young |" not in calibration_table(calibration)
+    # the common gain's row says which sliders it serves
+    assert "| ×1 ← sliders without a gain of their own |" in table and "← served" not in table
 
 
 def test_the_background_loss_sees_changes_off_the_face_only() -> None:

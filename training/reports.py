@@ -94,7 +94,11 @@ def calibration_table(calibration: dict) -> str:
     )
     if not rows_keeping_preservation(calibration["rows"], calibration["min_preservation"]):
         rule += " No gain kept that preservation, so the model serves at ×1, the rule's fallback"
-        rule += " (before the sliders' own gains below)." if calibration.get("per_attribute") else "."
+        rule += (
+            "; the sliders with a gain of their own (below) serve at it instead."
+            if calibration.get("attribute_gains")
+            else "."
+        )
     lines = [
         rule,
         "",
@@ -102,7 +106,11 @@ def calibration_table(calibration: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for r in calibration["rows"]:
-        mark = " ← served" if r["edit_gain"] == calibration["chosen"] else ""
+        mark = (
+            (" ← sliders without a gain of their own" if calibration.get("attribute_gains") else " ← served")
+            if r["edit_gain"] == calibration["chosen"]
+            else ""
+        )
         rz = r.get("realism")
         extra = f"{rz['kid_x1000']:.1f} | {rz['background_change_worst']:.2f}" if rz else "– | –"
         lines.append(
