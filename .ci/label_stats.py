@@ -28,7 +28,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     index = read_index(args.data)
     labels = index.labels[index.split == SPLITS[args.split]].astype(bool)
-    col = {a: index.attr_names.index(a) for a in index.attr_names}
+    col = {a: i for i, a in enumerate(index.attr_names)}
     given = args.given.split(",")
     log.info("%s split: %d faces", args.split, len(labels))
     log.info("| attribute | faces | share | " + " | ".join(f"{g} among them" for g in given) + " |")

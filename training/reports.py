@@ -105,12 +105,9 @@ def calibration_table(calibration: dict) -> str:
         "| edit gain | edit success | preservation | matched KID×1000 (probe) | background change, worst |",
         "|---|---|---|---|---|",
     ]
+    common = " ← sliders without a gain of their own" if calibration.get("attribute_gains") else " ← served"
     for r in calibration["rows"]:
-        mark = (
-            (" ← sliders without a gain of their own" if calibration.get("attribute_gains") else " ← served")
-            if r["edit_gain"] == calibration["chosen"]
-            else ""
-        )
+        mark = common if r["edit_gain"] == calibration["chosen"] else ""
         rz = r.get("realism")
         extra = f"{rz['kid_x1000']:.1f} | {rz['background_change_worst']:.2f}" if rz else "– | –"
         lines.append(
