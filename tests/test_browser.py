@@ -76,7 +76,11 @@ def test_upload_slide_mask_download(page, server_url: str, tmp_path: Path) -> No
 
     assert page.get_attribute("#overlay", "data-request-id") is None  # previews skip the hidden overlay
     assert not page.is_visible("#overlay")
-    page.check("#show-mask")
+    # ticked with no overlay of this edit yet: it stays hidden (not a broken image) until the fetch returns
+    hidden_on_tick = page.evaluate(
+        "() => { document.getElementById('show-mask').click(); return document.getElementById('overlay').hidden; }"
+    )
+    assert hidden_on_tick and page.is_checked("#show-mask")
     page.wait_for_function(
         "() => !state.inflight && document.getElementById('overlay').dataset.requestId"
         " === document.getElementById('after').dataset.requestId"

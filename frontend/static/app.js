@@ -277,6 +277,7 @@ function applyResult(body, id) {
   if (body.overlay) {
     $("overlay").src = `data:${mime};base64,${body.overlay}`;
     $("overlay").dataset.requestId = String(id);
+    $("overlay").hidden = !$("show-mask").checked;
   }
   $("after").dataset.requestId = String(id);
   $("download").setAttribute("aria-disabled", "false");
@@ -367,6 +368,8 @@ function loadFile(file) {
   const url = URL.createObjectURL(file);
   $("before").src = url;
   $("after").src = url;
+  $("overlay").hidden = true;  // the last photo's overlay must not cover this one
+  delete $("overlay").dataset.requestId;
   $("viewer").hidden = false;
   $("download").setAttribute("aria-disabled", "true");
   $("download-overlay").setAttribute("aria-disabled", "true");
@@ -395,10 +398,13 @@ function setupViewControls() {
     $("after-clip").style.clipPath = `inset(0 0 0 ${e.target.value}%)`;
   });
   $("show-mask").addEventListener("change", (e) => {
-    $("overlay").hidden = !e.target.checked;
+    const shown = $("overlay").dataset.requestId;
+    const current = shown !== undefined && shown === $("after").dataset.requestId;
+    // an overlay of another edit (or none yet: a broken image) stays hidden until this edit's arrives
+    $("overlay").hidden = !(e.target.checked && current);
     $("mask-opacity").disabled = !e.target.checked;
     // previews carry the overlay only while it is shown: fetch it for the current edit
-    if (e.target.checked && $("overlay").dataset.requestId !== $("after").dataset.requestId) scheduleEdit(0);
+    if (e.target.checked && !current) scheduleEdit(0);
   });
   $("mask-opacity").addEventListener("input", (e) => {
     $("overlay").style.opacity = String(e.target.value / 100);
