@@ -55,12 +55,8 @@ def main() -> None:
             page.check("#show-mask")
             page.fill("#mask-opacity", "100")
             page.dispatch_event("#mask-opacity", "input")
-            # ticking the box fetches this edit's overlay; it shows when it arrives
-            page.wait_for_function(
-                "() => !state.inflight && !document.getElementById('overlay').hidden"
-                " && document.getElementById('overlay').dataset.requestId"
-                " === document.getElementById('after').dataset.requestId"
-            )
+            # ticking the box fetches this edit's overlay; the page unhides it when it arrives
+            page.wait_for_function("() => !state.inflight && !document.getElementById('overlay').hidden")
         page.wait_for_timeout(300)
         page.screenshot(path=str(args.out), full_page=True)
         browser.close()
