@@ -13,7 +13,7 @@ from models.memory import retain_freed_memory
 from models.precision import device_has_bf16_units
 from server.admission import Admission
 from server.compiled import compile_in_background, should_compile
-from server.compute import ComputePool
+from server.compute import ComputePool, run_in_own_thread
 from server.config import Settings
 from server.faces import FaceDetector
 from server.served_models import ModelRegistry
@@ -80,9 +80,10 @@ class AppState:
         micro_batch = s.micro_batch if s.compute_workers > 1 else 1
         # Reading safetensors is light work; only the bf16 timing trial (hardware with bf16 units,
         # precision=auto) is heavy torch work that belongs on the compute thread. Elsewhere the load
-        # runs in the caller's thread, so edits keep being served during a hot reload.
+        # runs on a thread of its own, so edits keep being served during a hot reload (and the OpenMP team
+        # the load creates ends with that thread: server/compute.py).
         trial = s.precision == "auto" and device_has_bf16_units(self.device)
-        run = self.compute.run if trial else (lambda fn, *args: fn(*args))
+        run = self.compute.run if trial else run_in_own_thread
         new = run(
             ModelRegistry.load,
             s.weights_dir,

@@ -71,3 +71,16 @@ def test_a_slider_moved_in_the_gradio_page_changes_the_image(server_url: str) ->
             arg=first,
         )
         browser.close()
+
+
+def test_the_idle_gradio_queue_does_not_poll_every_millisecond(tmp_path: Path) -> None:
+    """Gradio's queue loops run on the server's event loop; at Gradio's 1 ms they cost the REST edits
+    CPU and GIL time even when nobody uses the demo page (frontend/gradio_app.py)."""
+    from frontend.gradio_app import QUEUE_POLL_S, build_app
+
+    weights = make_weights(tmp_path / "weights")
+    app = build_app(service=None, weights_dir=weights)  # type: ignore[arg-type]  # no edit runs here
+    mounted = [r.app for r in app.routes if hasattr(getattr(r, "app", None), "get_blocks")]  # type: ignore[attr-defined]
+    assert len(mounted) == 1, "the Gradio app was not found in the mounted app"
+    queue = mounted[0].get_blocks()._queue
+    assert queue.sleep_when_free >= QUEUE_POLL_S >= 0.01

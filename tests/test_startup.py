@@ -184,3 +184,47 @@ def test_an_app_that_fails_to_load_is_reported_on_healthz() -> None:
         assert live.status_code == 500 and "no module named torch" in live.json()["detail"]
 
     _run_boot(boot, scenario)
+
+
+def test_run_in_own_thread_returns_raises_and_leaves_no_thread() -> None:
+    from server.compute import run_in_own_thread
+
+    threads: list[threading.Thread] = []
+
+    def work(x: int) -> int:
+        threads.append(threading.current_thread())
+        return x * 2
+
+    assert run_in_own_thread(work, 21) == 42
+    assert threads[0] is not threading.current_thread() and not threads[0].is_alive()
+
+    def fail() -> None:
+        raise KeyError("broken weights")
+
+    with pytest.raises(KeyError, match="broken weights"):
+        run_in_own_thread(fail)
+
+
+def test_a_load_without_bf16_trial_runs_on_a_thread_that_ends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Torch work on a long-lived thread other than the compute thread would leave an OpenMP team behind
+    that throttles every later op (server/compute.py): the load's thread must be its own and end with it."""
+    import server.state as state_module
+
+    monkeypatch.setattr(state_module, "device_has_bf16_units", lambda device: False)
+    loaders: list[threading.Thread] = []
+    real_load = ModelRegistry.load
+
+    def recording_load(*args: object, **kwargs: object) -> ModelRegistry:
+        loaders.append(threading.current_thread())
+        return real_load(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ModelRegistry, "load", staticmethod(recording_load))
+    state = AppState(Settings(weights_dir=make_weights(tmp_path / "w"), compile="off"), torch.device("cpu"))
+    try:
+        for _ in range(2):  # the start-up load and a hot reload
+            assert "stgan" in state.load_models().generators
+        assert len(loaders) == 2 and all(t is not threading.current_thread() for t in loaders)
+        assert not any(t.is_alive() for t in loaders)
+        assert not any(t.name.startswith("torch-compute") for t in loaders)  # edits go on meanwhile
+    finally:
+        state.compute.close()
