@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from frontend.lazy import LazyASGI
 from server.api.errors import install_error_handlers
@@ -27,6 +28,26 @@ def _validation_message(exc: RequestValidationError) -> str:
         loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "header"))
         parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
     return "; ".join(parts) or "invalid request"
+
+
+class UploadLimit:
+    """413 before the body is read when ``Content-Length`` says the upload is over ``max_bytes``.
+
+    A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware`` (``@app.middleware("http")``) would pass
+    every response body through a memory stream, megabytes for an edited photo in JSON."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            # multipart overhead on top of the file itself is small; allow 64 KiB for it
+            if length.isdigit() and int(length) > self.max_bytes + 65536:
+                detail = f"upload larger than {self.max_bytes} bytes"
+                await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None, load_models: bool = True) -> FastAPI:
@@ -68,13 +89,7 @@ def create_app(settings: Settings | None = None, load_models: bool = True) -> Fa
     )
     app.state.face_editor = state
 
-    @app.middleware("http")
-    async def limit_upload_size(request: Request, call_next):  # type: ignore[no-untyped-def]
-        length = request.headers.get("content-length")
-        # multipart overhead on top of the file itself is small; allow 64 KiB for it
-        if length and length.isdigit() and int(length) > settings.max_upload_bytes + 65536:
-            return JSONResponse({"detail": f"upload larger than {settings.max_upload_bytes} bytes"}, status_code=413)
-        return await call_next(request)
+    app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes)
 
     install_error_handlers(app)
 
