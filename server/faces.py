@@ -12,6 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from server import paste_kernel
+
 log = logging.getLogger(__name__)
 
 #: Fallback template (fractions of the crop side; left eye, right eye, nose, mouth left, mouth right)
@@ -260,20 +262,26 @@ def grid_sample_rows(image: torch.Tensor, grid: torch.Tensor, padding_mode: str)
     return out.transpose(0, 1).reshape(1, image.shape[1], step * parts, cols)[:, :, :rows]
 
 
-def paste_region(
+@dataclass
+class PasteSource:
+    """One face's change before it is sampled at the photo's pixels: ``stacked`` (4, S, S) is the
+    feathered change (3 channels, uint8 units) and mask in crop space, ``box`` the photo pixels it can reach."""
+
+    box: Box  # integer photo pixels
+    stacked: torch.Tensor
+    alignment: Alignment
+
+
+def paste_source(
     photo_shape: tuple[int, ...],
     alignment: Alignment,
     delta: torch.Tensor,
     mask: torch.Tensor,
     restrict: bool = True,
-) -> PasteRegion | None:
-    """Bring a crop-space change (3, S, S in [-2, 2]) and mask (S, S) back to the photo's pixels.
-
-    The change is feathered towards the crop border in crop space, then sampled bilinearly at every
-    photo pixel of the crop's footprint (one ``affine_grid`` + ``grid_sample``: the warp is a
-    similarity), so a large photo costs one pass over the footprint — only over the part where the
-    change or the mask can alter a pixel (``restrict=False``: the whole footprint, same result).
-    """
+) -> PasteSource | None:
+    """A crop-space change (3, S, S in [-2, 2]) and mask (S, S), feathered towards the crop border, and the
+    photo box they can alter — only the part where the change or the mask can alter a pixel
+    (``restrict=False``: the crop's whole footprint). None when nothing would change."""
     s = alignment.size
     window = feather_window(_pixel_grid(s, s).float(), s)
     stacked = torch.cat([delta.float() * 127.5, mask.float().clamp(0, 1).unsqueeze(0)], 0) * window
@@ -283,9 +291,29 @@ def paste_region(
     x0, y0, x1, y1 = crop_footprint(alignment, photo_shape, crop_box)
     if x1 <= x0 or y1 <= y0:
         return None
-    grid = affine_grid(_region_theta(alignment, x0, y0, x1 - x0, y1 - y0), y1 - y0, x1 - x0)
-    sampled = grid_sample_rows(stacked.unsqueeze(0), grid, "zeros")
-    return PasteRegion(Box(x0, y0, x1, y1), sampled[0, :3], sampled[0, 3])
+    return PasteSource(Box(x0, y0, x1, y1), stacked, alignment)
+
+
+def sample_source(source: PasteSource) -> PasteRegion:
+    """The source's change and mask at every photo pixel of its box (one ``affine_grid`` + ``grid_sample``:
+    the warp is a similarity), so a large photo costs one pass over the box."""
+    x0, y0, x1, y1 = (int(v) for v in source.box)
+    grid = affine_grid(_region_theta(source.alignment, x0, y0, x1 - x0, y1 - y0), y1 - y0, x1 - x0)
+    sampled = grid_sample_rows(source.stacked.unsqueeze(0), grid, "zeros")
+    return PasteRegion(source.box, sampled[0, :3], sampled[0, 3])
+
+
+def paste_region(
+    photo_shape: tuple[int, ...],
+    alignment: Alignment,
+    delta: torch.Tensor,
+    mask: torch.Tensor,
+    restrict: bool = True,
+) -> PasteRegion | None:
+    """Bring a crop-space change (3, S, S in [-2, 2]) and mask (S, S) back to the photo's pixels:
+    :func:`paste_source`, then :func:`sample_source`."""
+    source = paste_source(photo_shape, alignment, delta, mask, restrict)
+    return None if source is None else sample_source(source)
 
 
 def regions_box(regions: list[PasteRegion]) -> Box | None:
@@ -359,6 +387,40 @@ def compose_with_overlay(
     tint = torch.tensor(colour, dtype=torch.float32).view(3, 1, 1).expand_as(pixels)
     _put(overlay, box, pixels.lerp_(tint, weight).round_())
     return edited, overlay
+
+
+def compose_faces(
+    photo: np.ndarray,
+    sources: list[PasteSource],
+    overlay: bool = True,
+    colour: tuple[int, int, int] = (255, 40, 90),
+    alpha: float = 0.6,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The photo with every face's change pasted back, and that photo with the combined mask tinted over
+    it (``overlay=False``: the edited photo twice, no tint computed). One pass of the numba kernel once it
+    is compiled (:mod:`server.paste_kernel`), else :func:`compose_with_overlay` / :func:`compose_edited`
+    of the sampled regions; the two agree within one level."""
+    if sources and paste_kernel.ready():
+        edited = photo.copy()
+        tinted = photo.copy() if overlay else None
+        box = sources[0].box
+        for source in sources[1:]:
+            box = box.union(source.box)
+        pad = paste_kernel.PAD_LO
+        args = []
+        for source in sources:
+            padded = F.pad(source.stacked, (pad, paste_kernel.PAD_HI, pad, paste_kernel.PAD_HI)).numpy()
+            matrix = source.alignment.matrix[:2].copy()
+            matrix[:, 2] += pad  # photo pixels -> padded crop pixels
+            args.append((padded, matrix, tuple(int(v) for v in source.box)))
+        int_box = (int(box.x0), int(box.y0), int(box.x1), int(box.y1))
+        paste_kernel.paste(photo, edited, tinted, int_box, args, colour, alpha)  # type: ignore[arg-type]
+        return edited, edited if tinted is None else tinted
+    regions = [sample_source(source) for source in sources]
+    if overlay:
+        return compose_with_overlay(photo, regions, colour, alpha)
+    edited = compose_edited(photo, regions)
+    return edited, edited
 
 
 def tint_overlay(

@@ -26,10 +26,9 @@ from server.errors import InvalidRequestError, NoFaceFoundError, PhotoNotCachedE
 from server.faces import (
     FaceDetector,
     align_face,
-    compose_edited,
-    compose_with_overlay,
+    compose_faces,
     crop_footprint,
-    paste_region,
+    paste_source,
     tint_overlay,
 )
 from server.imaging import b64_png, decode_upload, encode_png, is_jpeg
@@ -227,15 +226,12 @@ class EditService:
             image, full_mask = self._compose_aligned(state.photo, deltas, mask)
             overlay = tint_overlay(image, full_mask) if request.overlay else image
         else:
-            regions = []
+            sources = []
             for k, i in enumerate(selected):
-                region = paste_region(state.photo.shape, state.faces[i].alignment, deltas[k][0], mask[k, 0])  # type: ignore[arg-type]
-                if region is not None:
-                    regions.append(region)
-            if request.overlay:
-                image, overlay = compose_with_overlay(state.photo, regions)
-            else:
-                image = overlay = compose_edited(state.photo, regions)
+                source = paste_source(state.photo.shape, state.faces[i].alignment, deltas[k][0], mask[k, 0])  # type: ignore[arg-type]
+                if source is not None:
+                    sources.append(source)
+            image, overlay = compose_faces(state.photo, sources, request.overlay)
         timer.lap("compose")
         faces = [self._face_edit(i, state, out[k], mask[k, 0], request.crops) for k, i in enumerate(selected)]
         timer.lap("crops_png")

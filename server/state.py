@@ -11,6 +11,7 @@ import torch
 from models.device import pick_device
 from models.memory import retain_freed_memory
 from models.precision import device_has_bf16_units
+from server import paste_kernel
 from server.admission import Admission
 from server.compiled import compile_in_background, should_compile
 from server.compute import ComputePool, run_in_own_thread
@@ -65,6 +66,7 @@ class AppState:
             self.load_models()
             if self.registry.generators:
                 self.warm_up()
+                paste_kernel.warm_up_in_background()  # the eager paste-back serves until it is compiled
         except Exception:  # pragma: no cover - logged; /readyz stays 503
             log.exception("loading the models failed")
         finally:

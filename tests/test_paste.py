@@ -201,3 +201,53 @@ def test_compose_with_overlay_equals_compose_then_tint() -> None:
     empty_edit, empty_overlay = compose_with_overlay(photo, [])
     np.testing.assert_array_equal(empty_edit, photo)
     np.testing.assert_array_equal(empty_overlay, photo)
+
+
+def _two_overlapping_faces(photo: np.ndarray, magnification: float = 1.0) -> list:
+    from server.faces import paste_source
+
+    a1 = _alignment()
+    a1 = Alignment(a1.matrix @ np.diag([magnification, magnification, 1.0]), SIZE)  # larger in the photo
+    shifted = a1.matrix @ np.array([[1.0, 0, -60], [0, 1, -40], [0, 0, 1]])
+    rng = torch.Generator().manual_seed(1)
+    sources = []
+    for alignment in (a1, Alignment(shifted, SIZE)):
+        delta = torch.rand(3, SIZE, SIZE, generator=rng) * 0.6 - 0.3
+        delta[:, :4] = 1.5  # strong changes at the crop's border: the feathering and zero padding matter
+        mask = torch.rand(SIZE, SIZE, generator=rng)
+        source = paste_source(photo.shape, alignment, delta, mask)
+        assert source is not None
+        sources.append(source)
+    return sources
+
+
+@pytest.mark.parametrize("magnification", [1.0, 0.3])  # a 64-px crop on ~200 and ~700 photo pixels
+def test_the_paste_kernel_gives_the_eager_paste_back(magnification: float) -> None:
+    """The numba kernel (server/paste_kernel.py) against sampling each face with grid_sample and composing
+    in torch: two overlapping faces, with and without the overlay, at most one level apart (float32 sums in
+    another order, halves rounded up), and every pixel outside the faces' boxes untouched."""
+    pytest.importorskip("numba")
+    from server import paste_kernel
+    from server.faces import compose_faces, sample_source
+
+    assert paste_kernel.warm_up() and paste_kernel.ready()
+    photo = np.random.default_rng(2).integers(0, 256, size=(900, 1000, 3), dtype=np.uint8)
+    sources = _two_overlapping_faces(photo, magnification)
+    regions = [sample_source(s) for s in sources]
+    want_edited, want_overlay = compose_with_overlay(photo, regions, colour=(10, 200, 30), alpha=0.7)
+    edited, overlay = compose_faces(photo, sources, overlay=True, colour=(10, 200, 30), alpha=0.7)
+    for got, want in ((edited, want_edited), (overlay, want_overlay)):
+        diff = np.abs(got.astype(int) - want.astype(int))
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.002
+    assert (overlay != edited).any() and (edited != photo).any()
+    box = sources[0].box.union(sources[1].box)
+    outside = np.ones(photo.shape[:2], bool)
+    outside[int(box.y0) : int(box.y1), int(box.x0) : int(box.x1)] = False
+    np.testing.assert_array_equal(edited[outside], photo[outside])
+    np.testing.assert_array_equal(overlay[outside], photo[outside])
+    edited_only, same = compose_faces(photo, sources, overlay=False)
+    assert same is edited_only
+    np.testing.assert_array_equal(edited_only, edited)
+    empty_edit, empty_overlay = compose_faces(photo, [])
+    np.testing.assert_array_equal(empty_edit, photo)
+    np.testing.assert_array_equal(empty_overlay, photo)

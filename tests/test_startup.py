@@ -228,3 +228,22 @@ def test_a_load_without_bf16_trial_runs_on_a_thread_that_ends(tmp_path: Path, mo
         assert not any(t.name.startswith("torch-compute") for t in loaders)  # edits go on meanwhile
     finally:
         state.compute.close()
+
+
+def test_the_server_entry_point_shortens_openmp_spinning_before_torch_loads() -> None:
+    """libgomp reads GOMP_SPINCOUNT once, when torch loads it: server.boot must set it before that (and
+    leave a value from the environment alone)."""
+    import os
+    import subprocess
+    import sys
+
+    from server.boot import GOMP_SPINCOUNT
+
+    code = "import sys, os, server.boot; print('torch' in sys.modules, os.environ['GOMP_SPINCOUNT'])"
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", GOMP_SPINCOUNT]
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env | {"GOMP_SPINCOUNT": "123"}, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == ["False", "123"]
