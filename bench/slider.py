@@ -2,8 +2,8 @@
 
 p50 / p95 per served model: fp32 in NCHW and in channels_last, bf16 autocast (channels_last) where the
 CPU has bf16 units, and the max |bf16 - fp32| of the output image; with ``--compiled``, also the
-decoder the server compiles in the background (server/compiled.py; fp32 in the faster layout, and bf16
-in channels_last where the CPU has bf16 units; tens of seconds of compiling per model first).
+decoder the server compiles in the background (server/compiled.py; in channels_last, fp32, and bf16 where
+the CPU has bf16 units; tens of seconds of compiling per model first).
 Run: ``python bench/slider.py [--weights weights] [--repeats 200] [--compiled]``.
 """
 
@@ -64,7 +64,7 @@ def run(weights: Path, repeats: int, compiled: bool = False) -> str:
         cond = torch.zeros(1, len(info.attributes))
         cond[0, 0] = 1.0
         outs, medians = {}, {}
-        # fp32 in both layouts (the server's choice of layout rests on this row), bf16 in channels_last
+        # fp32 in both layouts (the server's eager layout trial, where it does not compile), bf16 in channels_last
         trials = [("fp32", torch.contiguous_format), ("fp32", torch.channels_last)]
         if "bf16" in precisions():
             trials.append(("bf16", torch.channels_last))
@@ -91,15 +91,14 @@ def run(weights: Path, repeats: int, compiled: bool = False) -> str:
             name = "channels_last" if layout == torch.channels_last else "contiguous"
             rows.append([folder.name, f"{precision}, {name}", p50, p95, ""])
         fp32_best = min(medians[("fp32", torch.contiguous_format)], medians[("fp32", torch.channels_last)])
-        fp32_layout = min((torch.contiguous_format, torch.channels_last), key=lambda f: medians[("fp32", f)])
         if "bf16" in outs:
             diff = float((outs["bf16"] - outs["fp32"]).abs().max())
             ratio = fp32_best / medians[("bf16", torch.channels_last)]
             rows[-1][4] = f"{ratio:.2f}x the faster fp32, max abs diff {diff:.4f}"
         else:
             rows[-1][4] = "bf16 not timed: no bf16 units"
-        if compiled:
-            rows.append(compiled_row(folder.name, net.float(), info, fp32_layout, repeats))
+        if compiled:  # the server compiles its CPU decoders in channels_last (server/state.py:served_layout)
+            rows.append(compiled_row(folder.name, net.float(), info, torch.channels_last, repeats))
             if "bf16" in outs:  # what the server compiles where its precision trial picks bf16
                 rows.append(compiled_row(folder.name, net.float(), info, torch.channels_last, repeats, "bf16"))
     header = ["model", "precision, layout", "p50 ms", "p95 ms", "bf16 vs fp32 / compiled"]

@@ -24,8 +24,9 @@ class Settings(BaseSettings):
     bf16_tolerance: float = Field(0.08, description="max |bf16 - fp32| of a model's output image in [-1, 1]")
     layout: Literal["auto", "channels_last", "contiguous"] = Field(
         "auto",
-        description="memory layout of the served networks; auto: channels_last on CUDA and in bf16, on a CPU "
-        "in fp32 the faster of the two in a decoder timing trial per architecture at load",
+        description="memory layout of the served networks; auto: channels_last on CUDA, in bf16 and where the "
+        "decoders are compiled (the compiled decoder is the faster in channels_last), else on a CPU in fp32 the "
+        "faster of the two in a decoder timing trial per architecture at load",
     )
     compile: Literal["auto", "decoder", "off"] = Field(
         "auto",

@@ -247,3 +247,30 @@ def test_the_server_entry_point_shortens_openmp_spinning_before_torch_loads() ->
         [sys.executable, "-c", code], env=env | {"GOMP_SPINCOUNT": "123"}, capture_output=True, text=True, check=True
     )
     assert out.stdout.split() == ["False", "123"]
+
+
+def test_decoders_that_will_be_compiled_load_in_channels_last_without_a_layout_trial(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import server.served_models as served_models
+    import server.state as state_module
+    from server.state import served_layout
+
+    cpu = torch.device("cpu")
+    assert served_layout("auto", cpu, compiling=True) == "channels_last"
+    assert served_layout("auto", cpu, compiling=False) == "auto"  # the eager trial decides
+    assert served_layout("contiguous", cpu, compiling=True) == "contiguous"  # a setting wins
+
+    monkeypatch.setattr(state_module, "device_has_bf16_units", lambda device: False)
+    monkeypatch.setattr(served_models, "device_has_bf16_units", lambda device: False)
+    monkeypatch.setattr(served_models, "_LAYOUT_DECISIONS", {})
+    monkeypatch.setattr(state_module, "should_compile", lambda mode, device: True)
+    monkeypatch.setattr(state_module, "compile_in_background", lambda *args, **kwargs: None)
+    trials: list[str] = []
+    monkeypatch.setattr(served_models, "decode_ms", lambda served, **kw: trials.append(served.name) or {})
+    state = AppState(Settings(weights_dir=make_weights(tmp_path / "w"), precision="fp32"), cpu)
+    try:
+        served = state.load_models().generators["stgan"]
+        assert served.memory_format == torch.channels_last and trials == []
+    finally:
+        state.compute.close()
