@@ -316,3 +316,22 @@ def test_the_answer_format_follows_the_upload(client: TestClient) -> None:
     )
     assert photo.status_code == 200 and photo.headers["content-type"] == "image/jpeg"
     assert Image.open(io.BytesIO(photo.content)).size == _upright("portrait-2.jpg").shape[1::-1]
+
+
+def test_start_up_compiles_the_paste_kernel_and_readyz_says_so(weights: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("numba")
+    import threading
+    import time
+
+    from server import paste_kernel
+
+    monkeypatch.setattr(paste_kernel, "_ready", threading.Event())  # as in a fresh process
+    app = create_app(Settings(weights_dir=weights, default_model="stgan"))
+    with TestClient(app) as c:
+        assert app.state.face_editor.loaded.wait(60)
+        deadline = time.monotonic() + 120
+        while not c.get("/readyz").json()["paste_kernel"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert c.get("/readyz").json()["paste_kernel"] is True
+        resp = _post(c, _photo_bytes("portrait-2.jpg"), edits='{"Blond_Hair": 1}')
+        assert resp.status_code == 200 and resp.json()["faces"]

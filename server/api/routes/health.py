@@ -3,6 +3,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
+from server import paste_kernel
 from server.api.deps import StateDep
 
 router = APIRouter(tags=["health"])
@@ -23,5 +24,7 @@ def readyz(state: StateDep) -> JSONResponse:
         "errors": reg.failed,
         "classifier": reg.classifier is not None,
         "default_model": reg.default,
+        # the one-pass paste-back (server/paste_kernel.py), compiled in the background after start-up
+        "paste_kernel": paste_kernel.ready(),
     }
     return JSONResponse(body, status_code=200 if reg.generators else 503)
