@@ -24,6 +24,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from server import paste_kernel
 from server.config import Settings
 from server.errors import ServiceError
 from server.imaging import encode_jpeg, encode_png, is_jpeg
@@ -101,6 +102,7 @@ def run_batch(
     state.load_models(compile_decoders=False)  # a batch run ends before a compile would pay off
     if not state.registry.generators:
         raise BatchError(f"no model could be loaded from {settings.weights_dir}")
+    paste_kernel.warm_up_in_background()  # about a second (cached on disk); the eager paste-back serves meanwhile
     outcomes: list[Outcome] = []
     bar = tqdm(photos, desc="face-edit", unit="photo", dynamic_ncols=True)
     for photo in bar:
