@@ -102,7 +102,7 @@ def run_batch(
     state.load_models(compile_decoders=False)  # a batch run ends before a compile would pay off
     if not state.registry.generators:
         raise BatchError(f"no model could be loaded from {settings.weights_dir}")
-    paste_kernel.warm_up_in_background()  # about a second (cached on disk); the eager paste-back serves meanwhile
+    paste_kernel.warm_up_in_background()  # the eager paste-back serves until it is compiled
     outcomes: list[Outcome] = []
     bar = tqdm(photos, desc="face-edit", unit="photo", dynamic_ncols=True)
     for photo in bar:

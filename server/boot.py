@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 #: environment wins. Between a request's torch ops the threads still spin (the decoder and MTCNN keep
 #: their speed), but after the last op of an edit they go to sleep before the paste-back kernel's and the
 #: JPEG encoder's threads need the cores. Interleaved A/B on the 2-core EPYC (3 servers, portrait-1,
-#: README call, 41 repeats and 8 cold requests each): default 104 ms repeat / 312 ms cold, 60,000: 94 / 304
+#: README call, 39 repeats and 8 cold requests each): default 104 ms repeat / 312 ms cold, 60,000: 94 / 304
 #: (paste-back 26 -> 21 ms, JPEG answer 24 -> 21 ms), 20,000: 91 / 392 (MTCNN's ops wait for woken threads).
 GOMP_SPINCOUNT = "60000"
 os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -316,8 +317,8 @@ def paste_region(
     return None if source is None else sample_source(source)
 
 
-def regions_box(regions: list[PasteRegion]) -> Box | None:
-    """The smallest box holding every region, or None."""
+def regions_box(regions: Sequence[PasteRegion | PasteSource]) -> Box | None:
+    """The smallest box holding every region (or source), or None."""
     if not regions:
         return None
     box = regions[0].box
@@ -403,9 +404,8 @@ def compose_faces(
     if sources and paste_kernel.ready():
         edited = photo.copy()
         tinted = photo.copy() if overlay else None
-        box = sources[0].box
-        for source in sources[1:]:
-            box = box.union(source.box)
+        box = regions_box(sources)
+        assert box is not None  # sources is not empty
         pad = paste_kernel.PAD_LO
         args = []
         for source in sources:

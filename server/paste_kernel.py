@@ -8,7 +8,7 @@ box: the eager path 36-40 ms in a bare process, this kernel 11 ms on two threads
 went 45 -> 27 ms (``bench/photo_http.py``). The compose loop over flat interleaved rows is vectorised by numba;
 the sampling loop is scalar (LLVM does not use AVX2 gathers for it here), and writing its four channels to planar
 row buffers with unit strides made the kernel 14.6 -> 10.9 ms (interleaved A/B, 30 of 30 rounds faster).
-The kernel is compiled by numba on first use (about a second; cached on disk), in the background after
+The kernel is compiled by numba on first use (seconds; 0.7 s from its disk cache), in the background after
 start-up (:func:`warm_up`); until then, or where numba is missing, the eager path serves.
 
 The results equal the eager path's within one level of 255 (float32 arithmetic in another order, and
