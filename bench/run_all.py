@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench import detect, encode, memory, photo_http, slider, startup, throughput, train_step
+from bench import detect, encode, memory, photo_http, slider, startup, throughput, train_ab, train_step
 from bench.common import machine_kind
 
 
@@ -28,6 +28,7 @@ def benchmarks(weights: Path, quick: bool) -> dict[str, Callable[[], str]]:
         "photo_http": lambda: photo_http.run(weights, 3 if q else 10, 1 if q else 3),
         "throughput": lambda: throughput.run(weights, 3.0 if q else 10.0, None),
         "train_step": lambda: train_step.run(2 if q else 6, 16),
+        "train_ab": lambda: train_ab.run(rounds=2 if q else 8),
         "memory": lambda: memory.run(weights, 20 if q else 200),
         "startup": lambda: startup.run(weights, 8, 8.0 if q else 20.0),
         "encode": lambda: encode.run(3 if q else 10),

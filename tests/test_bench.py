@@ -21,7 +21,8 @@ def test_the_new_rows_run_with_only() -> None:
 
     from bench.run_all import benchmarks
 
-    assert {"startup", "slider", "photo_http", "train_step", "detect"} <= set(benchmarks(Path("weights"), quick=True))
+    known = set(benchmarks(Path("weights"), quick=True))
+    assert {"startup", "slider", "photo_http", "train_step", "train_ab", "detect"} <= known
 
 
 def test_each_kind_of_machine_keeps_its_own_sections() -> None:
@@ -38,3 +39,16 @@ def test_a_title_that_only_begins_another_is_another_section() -> None:
     text = replace_section(header(), for_machine("### Slider move\n\nepyc rows\n", "AMD EPYC"))
     text = replace_section(text, "### Slider move\n\nrows of an untitled machine\n")
     assert "epyc rows" in text and "rows of an untitled machine" in text
+
+
+def test_the_interleaved_training_bench_times_each_tree_in_turn() -> None:
+    from bench.common import ROOT
+    from bench.train_ab import compare
+
+    tiny = {"disc_preset": "discriminator-tiny"}
+    result = compare({"a": ROOT, "b": ROOT}, "stgan-tiny", rounds=3, steps=1, batch=4, size=32, overrides=tiny)
+    assert list(result) == ["a", "b"]
+    for timings in result.values():
+        assert len(timings.seconds) == 3 and all(t > 0 for t in timings.seconds)
+        assert timings.precision in ("fp32", "bf16")
+    assert result["a"].flops == result["b"].flops > 0  # the same code counts the same step

@@ -1011,3 +1011,46 @@ def test_validation_reports_how_often_the_discriminator_takes_an_edit_for_flippe
         assert out["d_edit_success"][a] == pytest.approx(want)
     assert out["mean_d_edit_success"] == pytest.approx(np.mean(list(out["d_edit_success"].values())))
     assert "d_edit_success" not in evaluate_generator(generator, images, labels, attributes, batch_size=4)
+
+
+def test_the_generator_pass_computes_the_stu_encoder_terms_once_for_edit_and_reconstruction() -> None:
+    """The STU gates' terms on the encoder features serve the edit and the reconstruction of a face: the
+    same outputs and gradients as decoding both halves from unprepared features, in fewer FLOPs."""
+    from contextlib import nullcontext
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from models.generators import Encoded
+    from models.registry import build, get_preset
+    from training import losses
+
+    torch.manual_seed(0)
+    arch, cfg = get_preset("stgan-tiny")
+    gen = build(arch, dataclasses.replace(cfg, conditioning="diff")).train()
+    n, n_attrs = 4, len(cfg.attributes)
+    x = torch.rand(n, 3, cfg.image_size, cfg.image_size) * 2 - 1
+    c_src = (torch.rand(n, n_attrs) > 0.5).float()
+    cond = condition_vector(c_src, (1 - c_src) - c_src, "diff")
+    cond_rec = condition_vector(c_src, torch.zeros_like(c_src), "diff")
+
+    def unprepared(g: torch.nn.Module) -> GeneratorPass:
+        enc = g.encode(x)
+        raw, mask = g.decode_parts(Encoded.cat([enc, enc]), torch.cat([cond, cond_rec]))
+        x_fake, mask_fake = g.blend(raw[:n], mask[:n], x)
+        return GeneratorPass(x_fake, mask_fake, raw[n:], mask[n:])
+
+    results = []
+    for run in (unprepared, lambda g: losses.generator_pass(g, x, cond, cond_rec, nullcontext, True)):
+        g = copy.deepcopy(gen)
+        with FlopCounterMode(display=False) as counter:
+            out = run(g)
+        (out.x_fake.square().mean() + out.x_rec_raw.abs().mean() + out.mask_fake.mean()).backward()
+        grads = {k: p.grad for k, p in g.named_parameters() if p.grad is not None}
+        results.append((out, grads, counter.get_total_flops()))
+    (want, want_grads, want_flops), (got, got_grads, got_flops) = results
+    for a, b in zip(got.__dict__.values(), want.__dict__.values(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert got_grads.keys() == want_grads.keys()
+    for k, grad in got_grads.items():
+        torch.testing.assert_close(grad, want_grads[k], atol=1e-5, rtol=1e-4, msg=k)
+    assert got_flops < 0.95 * want_flops

@@ -267,7 +267,9 @@ def generator_pass(
     mode closed it to 0.002.
     """
     with autocast():
-        encoded = generator.encode(x_real)
+        # STU gate terms on the encoder features once per face, shared by the edit and the
+        # reconstruction (the same sums, a quarter fewer of the STU gates' multiply-adds)
+        encoded = generator.prepare_decode(generator.encode(x_real))
         if joint:
             n = x_real.shape[0]
             raw, mask = generator.decode_parts(Encoded.cat([encoded, encoded]), torch.cat([cond, cond_rec]))
