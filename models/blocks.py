@@ -94,9 +94,33 @@ class ResizeConv(nn.Module):
         # (out, in, 3, 3) -> (in, out, 4, 4), the layout conv_transpose2d takes
         return torch.einsum("ja,oiab,kb->iojk", taps, self.weight, taps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.pad(x, (1, 1, 1, 1), mode="replicate")
-        return F.conv_transpose2d(x, self._kernel_for(x), self._bias(x), stride=2, padding=3)
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        """``c``: a (B, n) condition that :func:`cat_condition` would tile after ``x``'s channels (the
+        weight's last ``n`` input channels read it). A constant map stays constant through the resize,
+        the reflected border and the 3×3 conv, so its share of every output pixel is the same: ``c``
+        enters as a per-image bias (``c`` times the kernel's sum over its taps), the same output as
+        ``self(cat_condition(x, c))`` without the condition's multiply-adds or the tiled copy."""
+        if c is None:
+            x = F.pad(x, (1, 1, 1, 1), mode="replicate")
+            return F.conv_transpose2d(x, self._kernel_for(x), self._bias(x), stride=2, padding=3)
+        if x.shape[1] + c.shape[1] != self.weight.shape[1]:
+            raise ValueError(
+                f"{x.shape[1]} image and {c.shape[1]} condition channels for a {self.weight.shape[1]}-channel conv"
+            )
+        return self.from_image_term(self.image_term(x), c)
+
+    def image_term(self, x: torch.Tensor) -> torch.Tensor:
+        """The part of the output that reads ``x`` (the input channels before a condition's), without the
+        bias: no condition changes it, so a caller decoding one ``x`` under many conditions computes it
+        once (:meth:`from_image_term`)."""
+        kernel = self._kernel_for(x)[: x.shape[1]]
+        return F.conv_transpose2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, None, stride=2, padding=3)
+
+    def from_image_term(self, term: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """``self(x, c)`` given ``term = self.image_term(x)``: the bias and the condition's bias added."""
+        n = self.weight.shape[1] - c.shape[1]
+        bias = F.linear(c.to(term.dtype), self.weight[:, n:].sum(dim=(2, 3)).to(term.dtype), self._bias(term))
+        return term + bias[:, :, None, None]
 
     def _kernel_for(self, x: torch.Tensor) -> torch.Tensor:
         """The 4×4 kernel in ``x``'s dtype. In eval mode without autograd (serving, evaluation) it is kept
@@ -153,6 +177,25 @@ class UpBlock(nn.Sequential):
         super().__init__(
             up_conv(in_ch, out_ch, upsample, bias=norm == "none"), norm_layer(norm, out_ch), activation(act)
         )
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        """``c``: the condition as a bias of a :class:`ResizeConv` (see :func:`upsample_with_condition`)."""
+        return self.after_upsample(upsample_with_condition(self[0], x, c))
+
+    def after_upsample(self, h: torch.Tensor) -> torch.Tensor:
+        """The norm and activation on the up-sampling layer's output ``h``."""
+        for layer in list(self)[1:]:
+            h = layer(h)
+        return h
+
+
+def upsample_with_condition(layer: nn.Module, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+    """``layer(cat_condition(x, c))`` (``layer(x)`` without ``c``), as a bias where the layer takes one."""
+    if c is None:
+        return layer(x)
+    if isinstance(layer, ResizeConv):
+        return layer(x, c)
+    return layer(cat_condition(x, c))
 
 
 def tile_condition(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -220,7 +263,7 @@ class SelectiveTransferUnit(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(reset gate r, update gate z, up-sampled state s_hat). Returned, never stored on the module:
         the server runs one module from several threads."""
-        s_hat = self.upsample(cat_condition(state, c))
+        s_hat = upsample_with_condition(self.upsample, state, c)
         both = torch.cat([f_enc, s_hat], dim=1)
         return torch.sigmoid(self.reset_gate(both)), torch.sigmoid(self.update_gate(both)), s_hat
 
@@ -239,13 +282,17 @@ class SelectiveTransferUnit(nn.Module):
         return F.conv2d(f_enc, w_enc, bias, padding=self.reset_gate.padding)
 
     def forward_from_terms(
-        self, terms: torch.Tensor, state: torch.Tensor, c: torch.Tensor
+        self, terms: torch.Tensor, state: torch.Tensor, c: torch.Tensor, state_term: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`forward` given ``terms = encoder_terms(f_enc)``: the gates convolve only the state half
-        of their input, half the multiply-adds."""
+        of their input, half the multiply-adds. ``state_term``: ``self.upsample.image_term(state)`` where
+        the state is known before the condition (the first STU's is the bottleneck feature)."""
         _, _, w_gates, w_hidden = self._split_weights()
         k = terms.shape[1] // 3
-        s_hat = self.upsample(cat_condition(state, c))
+        if state_term is not None:
+            s_hat = self.upsample.from_image_term(state_term, c)
+        else:
+            s_hat = upsample_with_condition(self.upsample, state, c)
         pad = self.reset_gate.padding
         gates = torch.sigmoid(terms[:, : 2 * k] + F.conv2d(s_hat, w_gates, padding=pad))
         r, z = gates[:, :k], gates[:, k:]

@@ -30,6 +30,7 @@ from models.blocks import (
     conv_trunk,
     resize_weight_from_deconv,
     up_conv,
+    upsample_with_condition,
 )
 from models.config import EncoderDecoderConfig, StarGANConfig
 
@@ -174,32 +175,48 @@ class EncoderDecoderGenerator(AttributeGenerator):
         return Encoded(x, tuple(feats))
 
     def prepare_decode(self, encoded: Encoded) -> Encoded:
-        """With STU skips: each STU's gate terms on its encoder feature (half of the gates'
-        multiply-adds, a quarter of a decode), see :meth:`SelectiveTransferUnit.encoder_terms`."""
-        if self.config.skip != "stu" or encoded.decoder_terms:
+        """The decoder's terms that no condition changes, once per face. With STU skips: each STU's gate
+        terms on its encoder feature (half of the gates' multiply-adds, a quarter of a decode), see
+        :meth:`SelectiveTransferUnit.encoder_terms`. With resize up-sampling: the first decoder layer's
+        convolution of the bottleneck feature, and the first STU's, to which the condition only adds a
+        bias (:meth:`ResizeConv.image_term`)."""
+        cfg = self.config
+        if encoded.decoder_terms:
             return encoded
-        n = self.config.n_layers
-        terms = tuple(stu.encoder_terms(encoded.features[n - 2 - j]) for j, stu in enumerate(self.stus))
-        return encoded._replace(decoder_terms=terms)
+        n = cfg.n_layers
+        terms = [stu.encoder_terms(encoded.features[n - 2 - j]) for j, stu in enumerate(self.stus)]
+        if cfg.upsample == "resize":
+            bottleneck = encoded.features[n - 1]
+            terms.append(self.decoder[0][0].image_term(bottleneck))
+            if self.stus:
+                terms.append(self.stus[0].upsample.image_term(bottleneck))
+        return encoded._replace(decoder_terms=tuple(terms)) if terms else encoded
 
     def decode_parts(self, encoded: Encoded, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         cfg, feats = self.config, encoded.features
         n = cfg.n_layers
+        # a prepared encoding: the STUs' gate terms, then the bottleneck's terms (first decoder layer, first STU)
+        stu_terms, bottleneck_terms = encoded.decoder_terms[: len(self.stus)], encoded.decoder_terms[len(self.stus) :]
         skips = list(feats[n - 2 - j] for j in range(cfg.n_skip_layers)) if cfg.skip != "none" else []
         if cfg.skip == "stu":
             state, transferred = feats[n - 1], []
-            terms = encoded.decoder_terms
             for j, stu in enumerate(self.stus):
-                if terms:
-                    f_t, state = stu.forward_from_terms(terms[j], state, c)
+                if stu_terms:
+                    state_term = bottleneck_terms[1] if j == 0 and bottleneck_terms else None
+                    f_t, state = stu.forward_from_terms(stu_terms[j], state, c, state_term)
                 else:
                     f_t, state = stu(skips[j], state, c)
                 transferred.append(f_t)
             skips = transferred
-        h = cat_condition(feats[n - 1], c)
+        # The condition is handed to the next up-sampling layer rather than concatenated where nothing
+        # reads it before that layer: a resize conv takes it as a bias (models.blocks.ResizeConv).
+        h, pending = feats[n - 1], c
         for j, layer in enumerate(self.decoder):
-            h = layer(h)
-            late = None
+            if j == 0 and bottleneck_terms:
+                h = layer.after_upsample(layer[0].from_image_term(bottleneck_terms[0], c))
+            else:
+                h = layer(h, pending)
+            pending, late = None, None
             if j < len(skips):
                 skip = skips[j]
                 if cfg.skip == "auc":
@@ -211,12 +228,15 @@ class EncoderDecoderGenerator(AttributeGenerator):
                     if cfg.skip_conv_block:
                         h = self.skip_blocks[j](h)
             if j < cfg.n_inject_layers:
-                h = cat_condition(h, c)
+                if str(j) in self.dec_attention or late is not None:
+                    h = cat_condition(h, c)  # attention mixes it, or a late skip follows it
+                else:
+                    pending = c
             if str(j) in self.dec_attention:
                 h = self.dec_attention[str(j)](h)
             if late is not None:
                 h = torch.cat([h, late.to(h.dtype)], dim=1)
-        return self._split_head(self.to_image(h))
+        return self._split_head(upsample_with_condition(self.to_image, h, pending))
 
 
 class StarGANGenerator(AttributeGenerator):

@@ -189,7 +189,8 @@ def test_prepared_decode_equals_plain_decode(upsample: str) -> None:
     with torch.no_grad():
         enc = gen.encode(x)
         prepared = gen.prepare_decode(enc)
-        assert len(prepared.decoder_terms) == cfg.n_skip_layers
+        # one per STU, and with resize up-sampling the first decoder layer's and the first STU's
+        assert len(prepared.decoder_terms) == cfg.n_skip_layers + (2 if upsample == "resize" else 0)
         assert gen.prepare_decode(prepared) is prepared
         for c_move in (c, -c, 2.5 * c):
             want, want_mask = gen.decode(enc, c_move)
@@ -206,10 +207,13 @@ def test_prepared_decode_equals_plain_decode(upsample: str) -> None:
             gen.decode(gen.prepare_decode(gen.encode(x)), c)[0], gen.decode(gen.encode(x), c)[0], atol=1e-5, rtol=1e-4
         )
     mugan_arch, mugan_cfg = get_preset("mugan-tiny")
-    mugan = build(mugan_arch, mugan_cfg).eval()
-    with torch.no_grad():
-        plain = mugan.encode(x)
-        assert mugan.prepare_decode(plain) is plain  # nothing to precompute without STUs
+    for mugan_upsample, n_terms in (("deconv", 0), ("resize", 1)):
+        mugan = build(mugan_arch, dataclasses.replace(mugan_cfg, upsample=mugan_upsample)).eval()
+        with torch.no_grad():
+            plain = mugan.encode(x)
+            prepared = mugan.prepare_decode(plain)
+            assert len(prepared.decoder_terms) == n_terms  # no STUs: at most the first decoder layer's
+            torch.testing.assert_close(mugan.decode(prepared, c)[0], mugan.decode(plain, c)[0], atol=1e-5, rtol=1e-4)
 
 
 def test_presets_include_paper_sizes() -> None:
@@ -278,3 +282,72 @@ def test_a_channels_last_generator_stays_channels_last_through_its_decoder(prese
     with torch.no_grad():
         net.decode(net.encode(x.contiguous(memory_format=torch.channels_last)), c)
     assert not nchw, nchw
+
+
+def test_a_resize_conv_takes_the_condition_as_a_bias() -> None:
+    """The condition's tiled channels, constant over the image, reach every output pixel alike: as a bias
+    the layer gives what it gives them concatenated, borders included, and the same gradients."""
+    from models.blocks import ResizeConv, cat_condition
+
+    torch.manual_seed(0)
+    layer = ResizeConv(6 + 3, 5)
+    x = torch.randn(2, 6, 7, 5, requires_grad=True)
+    c = torch.randn(2, 3, requires_grad=True)
+    want = layer.reference_forward(cat_condition(x, c))
+    got = layer(x, c)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    grad_out = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, (x, c, layer.weight, layer.bias), grad_out)
+    got_grads = torch.autograd.grad(got, (x, c, layer.weight, layer.bias), grad_out)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():  # eval mode keeps the 4x4 kernel: the slice must follow the weight
+        layer.eval()
+        torch.testing.assert_close(layer(x, c), layer(cat_condition(x, c)), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="condition channels"):
+        layer(x, c[:, :2])
+
+
+@pytest.mark.parametrize(
+    ("preset", "changes", "fewer_flops"),
+    [
+        ("stgan-tiny", {}, True),
+        ("mugan-tiny", {}, False),  # its attention follows every injection: nothing to save after the first
+        ("mugan-tiny", {"dec_attention": ()}, True),
+    ],
+)
+def test_decoders_hand_the_condition_to_resize_convs_with_the_same_outputs(
+    preset: str, changes: dict[str, object], fewer_flops: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decoded with the condition as a bias of each resize conv it enters (every decoder and STU layer that
+    reads it directly, not one after MU-GAN's attention, which mixes it), a generator gives what it gives
+    with the condition concatenated everywhere, in fewer FLOPs where the condition reaches such a layer."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import models.blocks
+    import models.generators
+    from models.blocks import cat_condition
+
+    arch, cfg = get_preset(preset)
+    gen = build(arch, dataclasses.replace(cfg, upsample="resize", **changes)).eval()
+    x, c = _inputs(cfg, batch=2)
+
+    def decode() -> tuple[tuple[torch.Tensor, torch.Tensor], int]:
+        with torch.no_grad():
+            encoded = gen.prepare_decode(gen.encode(x))
+            gen.decode(encoded, c)  # the resize convs' kept kernels computed before counting
+            with FlopCounterMode(display=False) as counter:
+                out = gen.decode(encoded, c)
+        return out, counter.get_total_flops()
+
+    (got, got_mask), got_flops = decode()
+
+    def concatenated(layer: torch.nn.Module, h: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        return layer(h if cond is None else cat_condition(h, cond))
+
+    for module in (models.blocks, models.generators):
+        monkeypatch.setattr(module, "upsample_with_condition", concatenated)
+    (want, want_mask), want_flops = decode()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got_mask, want_mask, atol=1e-5, rtol=1e-4)
+    assert got_flops < want_flops if fewer_flops else got_flops == want_flops
