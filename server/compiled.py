@@ -104,6 +104,12 @@ def build_compiled_decoder(served: ServedGenerator) -> Callable[..., tuple[torch
 
     inductor_config.freezing = True
     inductor_config.compile_threads = 1  # compile in this thread (niced), no pool of worker processes
+    # Every generator's ``decode`` is one code object, and Dynamo's automatic dynamic shapes took the
+    # second model's other channel counts for a shape change of the first's: the second model compiled
+    # its graphs with symbolic sizes and slower kernels (EPYC, interleaved worker processes, 16 rounds:
+    # STGAN compiled after MU-GAN 28.3 ms a slider move, alone 24.0 ms, after MU-GAN with this off 24.2).
+    # The batch stays dynamic where it is marked (_mark_batch_dynamic).
+    torch._dynamo.config.automatic_dynamic_shapes = False
     for module in served.net.modules():
         if isinstance(module, ResizeConv):
             module.bake_kernel()

@@ -167,3 +167,44 @@ def test_a_bf16_compiled_decoder_may_round_one_pixel_differently_but_not_the_who
     monkeypatch.setattr(torch, "compile", fake_compile(0.5, one_pixel=True))
     with pytest.raises(RuntimeError, match="max"):
         compiled.build_compiled_decoder(served)
+
+
+def test_a_second_model_compiles_with_static_sizes_but_the_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both generators' ``decode`` is one code object: compiled after the other model, a decoder must not
+    take the other model's channel counts for a change of its own shapes and trace symbolic sizes."""
+    import torch._dynamo
+
+    from server.compiled import build_compiled_decoder
+
+    registry = ModelRegistry.load(
+        make_weights(tmp_path / "w", generators=("mugan-tiny", "stgan-tiny")),
+        torch.device("cpu"),
+        precision="fp32",
+        micro_batch=1,
+    )
+    symbolic: list[tuple[str, int]] = []  # (model, batch-size symbols) per graph with any non-batch symbol
+    graphs: list[str] = []
+    current = [""]
+
+    def recording_backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        graphs.append(current[0])
+        for node in gm.graph.find_nodes(op="placeholder"):
+            value = node.meta.get("example_value")
+            if isinstance(value, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in value.shape[1:]):
+                symbolic.append((current[0], value.dim()))
+        return gm.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=recording_backend))
+    monkeypatch.setattr(torch._dynamo.config, "automatic_dynamic_shapes", True)  # a fresh process's default
+    torch._dynamo.reset()
+    try:
+        for name in ("mugan", "stgan"):
+            current[0] = name
+            build_compiled_decoder(registry.generators[name])
+    finally:
+        torch._dynamo.reset()
+    assert {"mugan", "stgan"} <= set(graphs)
+    assert symbolic == []
