@@ -198,12 +198,12 @@ def test_a_second_model_compiles_with_static_sizes_but_the_batch(
 
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=recording_backend))
-    monkeypatch.setattr(torch._dynamo.config, "automatic_dynamic_shapes", True)  # a fresh process's default
     torch._dynamo.reset()
-    try:
-        for name in ("mugan", "stgan"):
-            current[0] = name
-            build_compiled_decoder(registry.generators[name])
+    try:  # from a fresh process's default (config.patch restores it; monkeypatch would delete the entry)
+        with torch._dynamo.config.patch(automatic_dynamic_shapes=True):
+            for name in ("mugan", "stgan"):
+                current[0] = name
+                build_compiled_decoder(registry.generators[name])
     finally:
         torch._dynamo.reset()
     assert {"mugan", "stgan"} <= set(graphs)
