@@ -267,8 +267,8 @@ def generator_pass(
     mode closed it to 0.002.
     """
     with autocast():
-        # STU gate terms on the encoder features once per face, shared by the edit and the
-        # reconstruction (the same sums, a quarter fewer of the STU gates' multiply-adds)
+        # the decoder's condition-free terms (STU gate terms, the bottleneck's first convolutions) once
+        # per face, shared by the edit and the reconstruction: the same sums, fewer multiply-adds
         encoded = generator.prepare_decode(generator.encode(x_real))
         if joint:
             n = x_real.shape[0]
