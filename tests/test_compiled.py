@@ -184,7 +184,7 @@ def test_a_second_model_compiles_with_static_sizes_but_the_batch(
         precision="fp32",
         micro_batch=1,
     )
-    symbolic: list[tuple[str, int]] = []  # (model, batch-size symbols) per graph with any non-batch symbol
+    symbolic: list[tuple[str, tuple[object, ...]]] = []  # (model, shape) of inputs with a non-batch symbol
     graphs: list[str] = []
     current = [""]
 
@@ -193,7 +193,7 @@ def test_a_second_model_compiles_with_static_sizes_but_the_batch(
         for node in gm.graph.find_nodes(op="placeholder"):
             value = node.meta.get("example_value")
             if isinstance(value, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in value.shape[1:]):
-                symbolic.append((current[0], value.dim()))
+                symbolic.append((current[0], tuple(value.shape)))
         return gm.forward
 
     real_compile = torch.compile
