@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 sys.path.insert(0, str(ROOT))
 from models.attributes import gain_text  # noqa: E402
+from training.reports import COMBINED_SAMPLES_FILE, SAMPLES_FILE  # noqa: E402
 from training.reports import QUALITY_TARGETS as TARGETS  # noqa: E402 - the targets are written once, there
 from training.reports import REALISM_TARGETS as REALISM  # noqa: E402
 
@@ -118,14 +119,14 @@ def main() -> None:
             "",
             *[
                 f"**{p.parent.name}**\n\n![{p.parent.name} samples]({p.relative_to(ROOT).as_posix()})\n"
-                for p in sorted(weights.glob("*/samples.png"))
+                for p in sorted(weights.glob(f"*/{SAMPLES_FILE}"))
             ],
             "Combined edits (several attributes flipped together, the columns' names; "
             "`python -m training grid --combined`):",
             "",
             *[
                 f"**{p.parent.name}**\n\n![{p.parent.name} combined edits]({p.relative_to(ROOT).as_posix()})\n"
-                for p in sorted(weights.glob("*/samples-combined.png"))
+                for p in sorted(weights.glob(f"*/{COMBINED_SAMPLES_FILE}"))
             ],
             END,
         ]

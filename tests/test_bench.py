@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+import torch
+
 from bench.run_all import for_machine, header, replace_section
 
 
@@ -22,7 +27,7 @@ def test_the_new_rows_run_with_only() -> None:
     from bench.run_all import benchmarks
 
     known = set(benchmarks(Path("weights"), quick=True))
-    assert {"startup", "slider", "photo_http", "train_step", "train_ab", "detect"} <= known
+    assert {"startup", "slider", "photo_http", "train_step", "train_ab", "detect", "cuda"} <= known
 
 
 def test_each_kind_of_machine_keeps_its_own_sections() -> None:
@@ -52,3 +57,72 @@ def test_the_interleaved_training_bench_times_each_tree_in_turn() -> None:
         assert len(timings.seconds) == 3 and all(t > 0 for t in timings.seconds)
         assert timings.precision in ("fp32", "bf16")
     assert result["a"].flops == result["b"].flops > 0  # the same code counts the same step
+
+
+TINY_TRAINING = (("stgan-tiny", {"disc_preset": "discriminator-tiny"}),)
+
+
+def tiny_cuda_bench(weights: Path, out: Path | None = None) -> str:
+    """bench/gpu.py's run on the CPU with tiny models: every part, a few repeats."""
+    from bench import gpu
+
+    return gpu.run(
+        weights,
+        torch.device("cpu"),
+        repeats=2,
+        seconds=0.3,
+        clients=(1, 3),
+        train_steps=1,
+        train_batches=(2,),
+        train_presets=TINY_TRAINING,
+        train_size=32,
+        compiled=False,
+        out=out,
+    )
+
+
+def table_rows(doc: str, title: str) -> list[list[str]]:
+    """The body rows of the Markdown table under ``title`` (cells stripped)."""
+    block = doc.split(title, 1)[1].split("\n#", 1)[0]
+    lines = [line for line in block.splitlines() if line.startswith("| ")][1:]  # without the header
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+
+
+def test_the_cuda_bench_measures_every_part_and_compares_with_the_cpu(tmp_path: Path) -> None:
+    from bench.common import machine_kind
+    from bench.gpu import SETUPS
+    from tests.server_utils import make_weights
+
+    weights = make_weights(tmp_path / "weights", generators=("stgan-tiny", "mugan-tiny"))
+    out = tmp_path / "cuda.md"
+    doc = tiny_cuda_bench(weights, out)
+    assert "failed" not in doc.replace("| failed |", "")
+    decoder = table_rows(doc, "#### Decoder on the device")
+    assert sorted({(r[0], r[1]) for r in decoder}) == [("mugan", "1"), ("mugan", "16"), ("stgan", "1"), ("stgan", "16")]
+    assert all(float(r[4]) > 0 and float(r[6]) == 0.0 for r in decoder)  # the CPU against itself: identical
+    edits = table_rows(doc, "#### The edit path on the device")
+    assert [(r[0], r[1]) for r in edits] == [(label, n) for label, _, _ in SETUPS for n in ("1", "3")]
+    assert all(float(r[2]) > 0 and r[4] == "0" for r in edits)  # edits/s measured, none failed
+    assert "largest pixel difference 0 of 255" in doc
+    training = table_rows(doc, "#### Training step on the device")
+    assert [(r[0], r[1]) for r in training] == [("stgan-tiny", "2")] and float(training[0][3]) > 0
+    # the file is the RESULTS.md section, titled with the machine's kind as run_all titles it
+    assert out.read_text().splitlines()[0] == f"### CUDA paths: decoder, edit path, training — {machine_kind()}"
+
+
+def test_a_part_of_the_cuda_bench_that_fails_is_written_down_and_the_rest_still_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bench import gpu
+    from tests.server_utils import make_weights
+
+    def broken(*args: object, **kwargs: object) -> str:
+        raise RuntimeError("no kernel image is available")
+
+    monkeypatch.setattr(gpu, "edit_path_section", broken)
+    weights = make_weights(tmp_path / "weights")
+    out = tmp_path / "cuda.md"
+    doc = tiny_cuda_bench(weights, out)
+    assert "#### edit path: failed" in doc and "no kernel image is available" in doc
+    assert table_rows(doc, "#### Decoder on the device") and table_rows(doc, "#### Training step on the device")
+    assert out.read_text().endswith(doc.split("\n", 1)[1])  # written after the last part too

@@ -15,6 +15,7 @@ from tests.test_training import tiny_sets
 from training.cli import main as cli
 from training.config import TrainConfig
 from training.export import export_run
+from training.reports import SAMPLES_FILE
 from training.trainer import Trainer
 
 
@@ -333,7 +334,7 @@ def test_recompute_bn_rewrites_a_release_with_its_own_statistics(
         torch.testing.assert_close(p, q, msg=name)  # the weights did not
     doc = read_config(out)
     assert 0 < doc["training"]["batchnorm"]["images"] <= 32 and info.edit_gain == 1.0 and doc["metrics"] == {}
-    assert (out / DISCRIMINATOR_FILE).is_file() and (out / "samples.png").is_file()
+    assert (out / DISCRIMINATOR_FILE).is_file() and (out / SAMPLES_FILE).is_file()
     assert read_config(release).get("training", {}).get("batchnorm") is None  # the source is untouched
 
 

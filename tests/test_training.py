@@ -21,6 +21,7 @@ from training.config import TrainConfig
 from training.data import CachedFaces, DatasetError, prepare_cache, read_index, sample_targets
 from training.losses import GeneratorPass
 from training.metrics import to_uint8
+from training.reports import COMBINED_SAMPLES_FILE, SAMPLES_FILE
 from training.trainer import Trainer
 
 TINY_SETTINGS = [
@@ -201,7 +202,7 @@ def test_classifier_evaluate_and_export(prepared_cache: Path, tmp_path: Path) ->
     gen, info = load_pretrained(out)
     assert info.alignment_template == meta["alignment_template"]
     assert info.training["steps"] == 2
-    assert (out / "samples.png").is_file() and (out / "samples-combined.png").is_file()
+    assert (out / SAMPLES_FILE).is_file() and (out / COMBINED_SAMPLES_FILE).is_file()
     assert (
         "Not yet evaluated" in (out / "card.md").read_text() and "samples-combined.png" in (out / "card.md").read_text()
     )

@@ -192,7 +192,7 @@ def calibrate_command(
     those whose mean preservation stays at or above ``min_preservation`` (1.0 if none does).
     ``per_attribute`` then gives a slider its own gain where another candidate scores better on that
     attribute's edits alone (:func:`training.metrics.choose_attribute_gains`). Test metrics measured at
-    other gains are dropped (they no longer describe the served model); samples.png and the card are
+    other gains are dropped (they no longer describe the served model); the sample grids and the card are
     rewritten.
     """
     if per_attribute and realism_faces <= 0:

@@ -25,7 +25,7 @@ from models.checkpoint import (
 from models.device import machine_description
 from training.checkpoints import ema_generator_from_checkpoint, read_training_checkpoint
 from training.data import CachedFaces, read_meta
-from training.reports import COMBINED_SAMPLES_FILE, SAMPLES_FILE, write_card
+from training.reports import COMBINED_SAMPLES_FILE, SAMPLES_FILE, SAMPLES_JPEG_QUALITY, write_card
 from training.visualize import combined_grid, edit_grid
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def export_run(
     dtype: torch.dtype = torch.float16,
     n_samples: int = 6,
 ) -> Path:
-    """Write ``model.safetensors`` (EMA generator), ``config.json``, ``card.md`` and ``samples.png``."""
+    """Write ``model.safetensors`` (EMA generator), ``config.json``, ``card.md`` and the sample grids."""
     ckpt = resolve_checkpoint(run, checkpoint)
     arch, gen, meta = ema_generator_from_checkpoint(ckpt)
     train_cfg = json.loads(meta["train_config"])
@@ -117,7 +117,7 @@ def export_run(
         write_release_samples(gen, cache_dir, out / SAMPLES_FILE, n_samples, gain=gain)
         write_release_samples(gen, cache_dir, out / COMBINED_SAMPLES_FILE, n_samples, gain=gain, combined=True)
     elif cache_dir is not None:
-        log.warning("no dataset cache in %s: no samples.png (pass --cache-dir)", cache_dir)
+        log.warning("no dataset cache in %s: no sample grids (pass --cache-dir)", cache_dir)
     write_card(out)
     log.info("exported %s (step %d) to %s", ckpt, step, out)
     if notify:
@@ -160,7 +160,7 @@ def write_release_samples(
     x, c = data.get(idx)
     attributes = tuple(gen.config.attributes)
     grid = combined_grid(gen, x, c, attributes, gain=gain) if combined else edit_grid(gen, x, c, attributes, gain=gain)
-    grid.save(path)
+    grid.save(path, quality=SAMPLES_JPEG_QUALITY)  # the format follows the suffix (SAMPLES_FILE: JPEG)
 
 
 def notify_server(url: str) -> None:

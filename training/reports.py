@@ -15,8 +15,12 @@ from models.attributes import edit_gain_spec, gain_text
 from models.checkpoint import CONFIG_FILE, atomic_write_bytes, read_config
 from models.device import machine_description
 
-SAMPLES_FILE = "samples.png"
-COMBINED_SAMPLES_FILE = "samples-combined.png"
+#: The release's sample grids, JPEG at ``SAMPLES_JPEG_QUALITY``: the four grids of the served models took
+#: 7.2 MB as PNG and take 2.2 MB so, which keeps the tracked tree (weights included) small enough to travel
+#: to a lent GPU machine with the wheels it lacks (bench/gpu.py).
+SAMPLES_FILE = "samples.jpg"
+COMBINED_SAMPLES_FILE = "samples-combined.jpg"
+SAMPLES_JPEG_QUALITY = 90
 
 #: The issue's quality targets (test split, served setting), higher is better. Every attribute's edit
 #: success must also reach ``MIN_ATTRIBUTE_EDIT_SUCCESS``.

@@ -1,0 +1,388 @@
+"""Benchmark 7 — the CUDA paths (issue 15's GPU rows): the decoder's latency, the server's edit path under
+concurrent clients with micro-batching, and a training step of both presets, all on one device.
+
+It needs only torch, numpy, Pillow and numba, which the lent GPU machine has: the HTTP layer's packages
+(FastAPI, pydantic, facenet-pytorch) do not fit beside the weights in what travels there, and neither do the
+photos in ../shared. So the edit path is driven in-process through ``server.service.EditService``, the code
+behind ``/v1/edit`` (compute threads, micro-batching, the feature cache, PNG answers), by client threads
+sending synthetic aligned 128-px crops, as ``bench/throughput.py`` sends over HTTP. Speed does not depend on
+the pixels. Each part's table goes to ``--out`` as soon as it is measured, and a part that fails is written
+down with its error instead of ending the run, so one run on a lent GPU brings back all it could measure.
+
+Each part also checks the device against the CPU: the decoder's output (fp32, the same weights) and one whole
+edit through the service, as the largest |difference| in output pixel values.
+
+On a lent GPU, as one prepared command (the device tool; its README says how):
+    PYTHONUNBUFFERED=1 python3 bench/gpu.py --out $OUT/cuda.md
+A smoke run on the CPU: ``python bench/gpu.py --device cpu --quick``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import machine, machine_kind, percentile, table
+from bench.run_all import for_machine
+from models.checkpoint import CONFIG_FILE, load_pretrained, read_config
+from models.device import pick_device
+from models.precision import autocast, device_has_bf16_units
+
+log = logging.getLogger(__name__)
+
+#: The edit path's set-ups: (label, compute threads, micro-batch size); bench/throughput.py's three.
+SETUPS = (
+    ("1 compute thread (the CPU default)", 1, 1),
+    ("4 compute threads, no micro-batching", 4, 1),
+    ("4 compute threads, micro-batching ≤8, ≤5 ms", 4, 8),
+)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 5) -> list[float]:
+    """Wall-clock ms of ``fn`` per call, the device synchronised before and after each call."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def precisions_for(device: torch.device) -> tuple[str, ...]:
+    return ("fp32", "bf16") if device_has_bf16_units(device) else ("fp32",)
+
+
+def generator_folders(weights: Path) -> list[Path]:
+    folders = sorted(p for p in weights.iterdir() if (p / CONFIG_FILE).is_file())
+    return [f for f in folders if read_config(f).get("kind") == "generator"]
+
+
+# ---------------------------------------------------------------------------- 1. the decoder
+def decoder_section(weights: Path, device: torch.device, repeats: int, compiled: bool) -> str:
+    """Slider-move latency (encoder features cached, decoder only) at batch 1 and 16 per served model and
+    precision, eager and (``compiled``) the server's compiled decoder; the fp32 output against the CPU's."""
+    rows: list[list[Any]] = []
+    for folder in generator_folders(weights):
+        net_cpu, info = load_pretrained(folder)
+        net_cpu = net_cpu.float().eval()
+        net, _ = load_pretrained(folder, device)
+        layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+        net = net.float().eval().to(memory_format=layout)
+        g = torch.Generator().manual_seed(0)
+        for batch in (1, 16):
+            x = torch.rand(batch, 3, info.image_size, info.image_size, generator=g) * 2 - 1
+            cond = torch.randint(-1, 2, (batch, len(info.attributes)), generator=g).float()
+            x_dev, cond_dev = x.to(device).contiguous(memory_format=layout), cond.to(device)
+            with torch.no_grad():
+                want = net_cpu.decode(net_cpu.prepare_decode(net_cpu.encode(x)), cond)[0]
+            for precision in precisions_for(device):
+                step = decode_step(net, x_dev, cond_dev, device, precision)
+                ms = timed_ms(step, device, repeats)
+                diff = float((step()[0].float().cpu() - want).abs().max())
+                p50, p95 = statistics.median(ms), percentile(ms, 0.95)
+                rows.append([folder.name, batch, precision, "eager", p50, p95, f"{diff:.1e}"])
+        if compiled:
+            rows += compiled_rows(folder, device, repeats)
+    header = ["model", "batch", "precision", "decoder", "p50 ms", "p95 ms", "max abs diff vs CPU fp32"]
+    return "#### Decoder on the device (slider move)\n\n" + table(header, rows) + "\n"
+
+
+def decode_step(
+    net: torch.nn.Module, x: torch.Tensor, cond: torch.Tensor, device: torch.device, precision: str
+) -> Callable[[], tuple[torch.Tensor, ...]]:
+    """A slider move: ``x`` encoded (and prepared) once, then each call decodes it under ``cond``."""
+    with torch.no_grad(), autocast(device, precision):
+        enc = net.prepare_decode(net.encode(x))  # type: ignore[operator]
+
+    def step() -> tuple[torch.Tensor, ...]:
+        with torch.no_grad(), autocast(device, precision):
+            return net.decode(enc, cond)  # type: ignore[operator]
+
+    return step
+
+
+def compiled_rows(folder: Path, device: torch.device, repeats: int) -> list[list[Any]]:
+    """The server's compiled decoder (``server/compiled.py``, as with ``FACE_EDITOR_COMPILE=decoder``) at batch 1."""
+    from server.compiled import build_compiled_decoder
+    from server.served_models import BF16_TOLERANCE, ServedGenerator, choose_precision
+
+    net, info = load_pretrained(folder, device)
+    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    served = ServedGenerator(folder.name, info, net.float().eval().to(memory_format=layout), device)
+    choose_precision(served, "auto", BF16_TOLERANCE)
+    t0 = time.perf_counter()
+    decode = build_compiled_decoder(served)
+    compile_s = time.perf_counter() - t0
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(1, 3, info.image_size, info.image_size, generator=g) * 2 - 1).to(device)
+    cond = torch.zeros(1, len(info.attributes), device=device)
+    cond[0, 0] = 1.0
+    enc = served.encode(x)
+
+    def step() -> None:
+        with torch.no_grad(), served.autocast():
+            decode(enc, cond)
+
+    ms = timed_ms(step, device, repeats)
+    note = f"compiled in {compile_s:.0f} s"
+    return [[folder.name, 1, served.precision, note, statistics.median(ms), percentile(ms, 0.95), ""]]
+
+
+# ---------------------------------------------------------------------------- 2. the edit path
+def crop_png(seed: int, size: int = 128) -> bytes:
+    """A smooth synthetic face-sized crop (PNG): the edit path's speed does not depend on its pixels."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(1, 3, 8, 8, generator=g)
+    img = torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
+    arr = (img[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def build_service(
+    weights: Path, device: torch.device, workers: int, micro_batch: int, precision: str = "auto"
+) -> tuple[Any, Any, Any]:
+    """An EditService over ``weights`` on ``device``, assembled as server/state.py assembles it."""
+    from server.admission import Admission
+    from server.compute import ComputePool
+    from server.served_models import BF16_TOLERANCE, ModelRegistry
+    from server.service import EditService
+
+    compute = ComputePool(workers)
+    load = ModelRegistry.load
+    registry = compute.run(load, weights, device, None, precision, BF16_TOLERANCE, micro_batch, 5.0, "auto")
+
+    def no_detector() -> Any:
+        raise RuntimeError("aligned crops only: this bench runs no face detection")
+
+    service = EditService(lambda: registry, no_detector, 4096 * 4096, 8, 256, Admission(16, 64, 60.0), compute)
+    return service, registry, compute
+
+
+def edit_once(service: Any, data: bytes, value: float) -> Any:
+    from server.service import EditRequest
+
+    req = EditRequest(image=data, edits={"Eyeglasses": value}, aligned=True, content_type="image/png", crops=False)
+    result = service.edit(req)
+    result.png()  # the answer with Accept: image/png
+    return result
+
+
+def clients_rate(service: Any, clients: int, seconds: float) -> tuple[float, float, int]:
+    """(edits/s, p50 ms, failures) of ``clients`` threads editing their own crops for ``seconds``."""
+    crops = [crop_png(k) for k in range(clients)]
+    for data in crops:  # features cached, as after a client's first request
+        edit_once(service, data, 0.0)
+    done, failed, latencies = [0], [0], []
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def loop(k: int) -> None:
+        i = 0
+        while time.monotonic() < deadline:
+            t0 = time.perf_counter()
+            try:
+                edit_once(service, crops[k], (i % 10) / 10)
+            except Exception:
+                with lock:
+                    failed[0] += 1
+                continue
+            with lock:
+                done[0] += 1
+                latencies.append((time.perf_counter() - t0) * 1000)
+            i += 1
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=loop, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rate = done[0] / (time.monotonic() - t0)
+    return rate, statistics.median(latencies) if latencies else float("nan"), failed[0]
+
+
+def device_vs_cpu_edit(service: Any, weights: Path) -> int:
+    """The largest pixel difference (of 255) between one edit through ``service`` and the same edit
+    through an fp32 service on the CPU."""
+    got = edit_once(service, crop_png(99), 0.8).image.astype(np.int16)
+    cpu_service, cpu_registry, cpu_compute = build_service(weights, torch.device("cpu"), 1, 1, "fp32")
+    try:
+        want = edit_once(cpu_service, crop_png(99), 0.8).image.astype(np.int16)
+    finally:
+        cpu_registry.close()
+        cpu_compute.close()
+    return int(np.abs(got - want).max())
+
+
+def edit_path_section(weights: Path, device: torch.device, seconds: float, clients: tuple[int, ...]) -> str:
+    rows: list[list[Any]] = []
+    notes: list[str] = []
+    for label, workers, micro_batch in SETUPS:
+        service, registry, compute = build_service(weights, device, workers, micro_batch)
+        try:
+            if not notes:
+                served = registry.generators[registry.default]
+                notes.append(
+                    f"Default model {served.name} ({served.precision}); aligned crops, PNG answers, in-process "
+                    f"clients. One edit on the device against the same edit on the CPU (fp32): largest pixel "
+                    f"difference {device_vs_cpu_edit(service, weights)} of 255."
+                )
+            for n in clients:
+                rate, p50, failed = clients_rate(service, n, seconds)
+                rows.append([label, n, rate, p50, failed])
+        finally:
+            registry.close()
+            compute.close()
+    header = ["service", "clients", "edits/s", "p50 latency ms", "failed"]
+    title = "#### The edit path on the device (EditService)"
+    return f"{title}\n\n{notes[0]}\n\n" + table(header, rows) + "\n"
+
+
+# ---------------------------------------------------------------------------- 3. training
+#: The training presets timed: the served models' (generator preset, overrides of TrainConfig).
+TRAIN_PRESETS: tuple[tuple[str, dict[str, Any]], ...] = (("stgan-cpu", {}), ("mugan-cpu", {}))
+
+
+def training_section(
+    device: torch.device,
+    steps: int,
+    batches: tuple[int, ...],
+    presets: tuple[tuple[str, dict[str, Any]], ...] = TRAIN_PRESETS,
+    size: int = 128,
+) -> str:
+    from training.config import TrainConfig
+    from training.data import prepare_cache
+    from training.synthetic import make_celeba_folder
+    from training.trainer import Trainer
+
+    rows: list[list[Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = make_celeba_folder(Path(tmp) / "data", n=2 * max(batches), size=size)
+        cache = Path(tmp) / "cache"
+        prepare_cache(folder, cache, image_size=size)
+        for preset, overrides in presets:
+            for batch in batches:
+                for precision in precisions_for(device):
+                    cfg = TrainConfig(
+                        preset=preset,
+                        cache_dir=str(cache),
+                        batch_size=batch,
+                        precision=precision,
+                        device=str(device),
+                        eval_every=10**9,
+                        sample_every=10**9,
+                        classifier=str(Path(tmp) / "none"),
+                        **overrides,
+                    )
+                    trainer = Trainer(cfg, Path(tmp) / f"run-{preset}-{batch}-{precision}")
+                    for _ in range(3):  # warm-up, lazy R1 at step 0 included
+                        trainer.train_step()
+                    synchronize(device)
+                    t0 = time.perf_counter()
+                    for _ in range(steps):
+                        trainer.train_step()
+                    synchronize(device)
+                    dt = (time.perf_counter() - t0) / steps
+                    rows.append([preset, batch, precision, batch / dt, dt * 1000])
+    header = ["preset", "batch", "precision", "images/s", "ms/step"]
+    return "#### Training step on the device (G + D)\n\n" + table(header, rows) + "\n"
+
+
+# ---------------------------------------------------------------------------- the run
+def run(
+    weights: Path,
+    device: torch.device,
+    *,
+    repeats: int = 100,
+    seconds: float = 5.0,
+    clients: tuple[int, ...] = (1, 4, 16),
+    train_steps: int = 10,
+    train_batches: tuple[int, ...] = (16, 64),
+    train_presets: tuple[tuple[str, dict[str, Any]], ...] = TRAIN_PRESETS,
+    train_size: int = 128,
+    compiled: bool = True,
+    out: Path | None = None,
+) -> str:
+    """Every part in turn; the document so far is written to ``out`` after each part."""
+    parts: list[tuple[str, Callable[[], str]]] = [
+        ("decoder", lambda: decoder_section(weights, device, repeats, compiled)),
+        ("edit path", lambda: edit_path_section(weights, device, seconds, clients)),
+        ("training", lambda: training_section(device, train_steps, train_batches, train_presets, train_size)),
+    ]
+    doc = f"### CUDA paths: decoder, edit path, training\n\n{machine()}; device {describe(device)}\n"
+    for name, part in parts:
+        t0 = time.perf_counter()
+        try:
+            doc += "\n" + part().rstrip("\n") + "\n"
+        except Exception:
+            log.exception("%s failed", name)
+            doc += f"\n#### {name}: failed\n\n```\n{traceback.format_exc()[-3000:]}```\n"
+        log.info("%s took %.0f s", name, time.perf_counter() - t0)
+        if out is not None:  # titled with the machine's kind, as run_all titles RESULTS.md's sections
+            out.write_text(for_machine(doc, machine_kind()))
+    return doc
+
+
+#: A smoke run's settings (``--quick``): a few repeats, short client runs, one tiny training step.
+QUICK: dict[str, Any] = {
+    "repeats": 3,
+    "seconds": 0.5,
+    "clients": (1, 4),
+    "train_steps": 1,
+    "train_batches": (4,),
+    "compiled": False,
+}
+
+
+def run_for_results(weights: Path, quick: bool = False) -> str:
+    """The section for bench/RESULTS.md (``run_all.py --only cuda``), on the CUDA device."""
+    return run(weights, torch.device("cuda"), **(QUICK if quick else {}))
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    return f"{device.type} (a smoke run: no GPU)"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", type=Path, default=Path(__file__).resolve().parents[1] / "weights")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cuda, cuda:1, cpu")
+    p.add_argument("--out", type=Path, help="write the Markdown here after each part")
+    p.add_argument("--quick", action="store_true", help="a smoke run: few repeats, short client runs, tiny steps")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    device = pick_device(args.device)
+    doc = run(args.weights, device, out=args.out, **(QUICK if args.quick else {}))
+    log.info("\n%s", doc)
+
+
+if __name__ == "__main__":
+    main()
