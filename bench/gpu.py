@@ -1,20 +1,21 @@
 """Benchmark 7 — the CUDA paths (issue 15's GPU rows): the decoder's latency, the server's edit path under
 concurrent clients with micro-batching, and a training step of both presets, all on one device.
 
-It needs only torch, numpy, Pillow and numba, which the lent GPU machine has: the HTTP layer's packages
-(FastAPI, pydantic, facenet-pytorch) do not fit beside the weights in what travels there, and neither do the
-photos in ../shared. So the edit path is driven in-process through ``server.service.EditService``, the code
-behind ``/v1/edit`` (compute threads, micro-batching, the feature cache, PNG answers), by client threads
-sending synthetic aligned 128-px crops, as ``bench/throughput.py`` sends over HTTP. Speed does not depend on
-the pixels. Each part's table goes to ``--out`` as soon as it is measured, and a part that fails is written
-down with its error instead of ending the run, so one run on a lent GPU brings back all it could measure.
+It needs torch, numpy, Pillow and numba, which the lent GPU machine has, and pydantic (models/config.py),
+which ``bench/gpu.sh`` carries there as wheels: the HTTP layer's packages (FastAPI, facenet-pytorch, …) would
+not fit beside the weights in what travels there, and neither would the photos in ../shared. So the edit path
+is driven in-process through ``server.service.EditService``, the code behind ``/v1/edit`` (compute threads,
+micro-batching, the feature cache, PNG answers), by client threads sending synthetic aligned 128-px crops, as
+``bench/throughput.py`` sends them over HTTP. Speed does not depend on the pixels.
+Each part's table goes to ``--out`` as soon as it is measured, and a part that fails is written down with its
+error instead of ending the run, so one run on a lent GPU brings back all it could measure.
 
 Each part also checks the device against the CPU: the decoder's output (fp32, the same weights) and one whole
 edit through the service, as the largest |difference| in output pixel values.
 
-On a lent GPU, as one prepared command (the device tool; its README says how):
-    PYTHONUNBUFFERED=1 python3 bench/gpu.py --out $OUT/cuda.md
-A smoke run on the CPU: ``python bench/gpu.py --device cpu --quick``.
+On a lent GPU, as one prepared command: ``bash bench/gpu.sh wheels`` here, then the device tool's ``run``
+of ``bash bench/gpu.sh run`` carrying ``.wheels-gpu`` (timeout 540 s: the compiled decoders come last, so a
+run cut short keeps the other parts). A smoke run on the CPU: ``python bench/gpu.py --device cpu --quick``.
 """
 
 from __future__ import annotations
@@ -82,9 +83,9 @@ def generator_folders(weights: Path) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------- 1. the decoder
-def decoder_section(weights: Path, device: torch.device, repeats: int, compiled: bool) -> str:
+def decoder_section(weights: Path, device: torch.device, repeats: int) -> str:
     """Slider-move latency (encoder features cached, decoder only) at batch 1 and 16 per served model and
-    precision, eager and (``compiled``) the server's compiled decoder; the fp32 output against the CPU's."""
+    precision (eager); the fp32 output against the CPU's."""
     rows: list[list[Any]] = []
     for folder in generator_folders(weights):
         net_cpu, info = load_pretrained(folder)
@@ -105,8 +106,6 @@ def decoder_section(weights: Path, device: torch.device, repeats: int, compiled:
                 diff = float((step()[0].float().cpu() - want).abs().max())
                 p50, p95 = statistics.median(ms), percentile(ms, 0.95)
                 rows.append([folder.name, batch, precision, "eager", p50, p95, f"{diff:.1e}"])
-        if compiled:
-            rows += compiled_rows(folder, device, repeats)
     header = ["model", "batch", "precision", "decoder", "p50 ms", "p95 ms", "max abs diff vs CPU fp32"]
     return "#### Decoder on the device (slider move)\n\n" + table(header, rows) + "\n"
 
@@ -125,8 +124,15 @@ def decode_step(
     return step
 
 
+def compiled_section(weights: Path, device: torch.device, repeats: int) -> str:
+    """The server's compiled decoder (``server/compiled.py``, as with ``FACE_EDITOR_COMPILE=decoder``) at
+    batch 1, per served model: the last part, as its compiles take the longest (one compile thread)."""
+    rows = [row for folder in generator_folders(weights) for row in compiled_rows(folder, device, repeats)]
+    header = ["model", "batch", "precision", "decoder", "p50 ms", "p95 ms"]
+    return "#### Compiled decoder on the device (slider move)\n\n" + table(header, rows) + "\n"
+
+
 def compiled_rows(folder: Path, device: torch.device, repeats: int) -> list[list[Any]]:
-    """The server's compiled decoder (``server/compiled.py``, as with ``FACE_EDITOR_COMPILE=decoder``) at batch 1."""
     from server.compiled import build_compiled_decoder
     from server.served_models import BF16_TOLERANCE, ServedGenerator, choose_precision
 
@@ -149,7 +155,7 @@ def compiled_rows(folder: Path, device: torch.device, repeats: int) -> list[list
 
     ms = timed_ms(step, device, repeats)
     note = f"compiled in {compile_s:.0f} s"
-    return [[folder.name, 1, served.precision, note, statistics.median(ms), percentile(ms, 0.95), ""]]
+    return [[folder.name, 1, served.precision, note, statistics.median(ms), percentile(ms, 0.95)]]
 
 
 # ---------------------------------------------------------------------------- 2. the edit path
@@ -331,10 +337,12 @@ def run(
 ) -> str:
     """Every part in turn; the document so far is written to ``out`` after each part."""
     parts: list[tuple[str, Callable[[], str]]] = [
-        ("decoder", lambda: decoder_section(weights, device, repeats, compiled)),
+        ("decoder", lambda: decoder_section(weights, device, repeats)),
         ("edit path", lambda: edit_path_section(weights, device, seconds, clients)),
         ("training", lambda: training_section(device, train_steps, train_batches, train_presets, train_size)),
     ]
+    if compiled:
+        parts.append(("compiled decoder", lambda: compiled_section(weights, device, repeats)))
     doc = f"### CUDA paths: decoder, edit path, training\n\n{machine()}; device {describe(device)}\n"
     for name, part in parts:
         t0 = time.perf_counter()

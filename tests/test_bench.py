@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -126,3 +127,23 @@ def test_a_part_of_the_cuda_bench_that_fails_is_written_down_and_the_rest_still_
     assert "#### edit path: failed" in doc and "no kernel image is available" in doc
     assert table_rows(doc, "#### Decoder on the device") and table_rows(doc, "#### Training step on the device")
     assert out.read_text().endswith(doc.split("\n", 1)[1])  # written after the last part too
+
+
+def test_the_cuda_bench_times_the_servers_compiled_decoder_of_each_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import server.compiled
+    from bench import gpu
+    from tests.server_utils import make_weights
+
+    built: list[str] = []
+
+    def eager_stand_in(served: Any) -> Any:  # the compile itself is tested in test_compiled.py
+        built.append(served.name)
+        return served.net.decode
+
+    monkeypatch.setattr(server.compiled, "build_compiled_decoder", eager_stand_in)
+    weights = make_weights(tmp_path / "weights", generators=("stgan-tiny", "mugan-tiny"))
+    rows = table_rows(gpu.compiled_section(weights, torch.device("cpu"), repeats=2), "#### Compiled decoder")
+    assert built == ["mugan", "stgan"] and [r[0] for r in rows] == built
+    assert all(r[3].startswith("compiled in") and float(r[4]) > 0 for r in rows)
