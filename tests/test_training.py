@@ -204,7 +204,7 @@ def test_classifier_evaluate_and_export(prepared_cache: Path, tmp_path: Path) ->
     assert info.training["steps"] == 2
     assert (out / SAMPLES_FILE).is_file() and (out / COMBINED_SAMPLES_FILE).is_file()
     assert (
-        "Not yet evaluated" in (out / "card.md").read_text() and "samples-combined.png" in (out / "card.md").read_text()
+        "Not yet evaluated" in (out / "card.md").read_text() and COMBINED_SAMPLES_FILE in (out / "card.md").read_text()
     )
     _, ema, _ = ema_generator_from_checkpoint(tmp_path / "run" / "checkpoints" / "best.safetensors")
     x = torch.rand(2, 3, 32, 32) * 2 - 1
