@@ -1,20 +1,22 @@
 """Benchmark 7 — the CUDA paths (issue 15's GPU rows): the decoder's latency, the server's edit path under
-concurrent clients with micro-batching, and a training step of both presets, all on one device.
+concurrent clients with micro-batching, whole photos (detection, alignment, paste-back), and a training step
+of both presets, all on one device.
 
-It needs torch, numpy, Pillow and numba, which the lent GPU machine has, and pydantic (models/config.py),
-which ``bench/gpu.sh`` carries there as wheels: the HTTP layer's packages (FastAPI, facenet-pytorch, …) would
-not fit beside the weights in what travels there, and neither would the photos in ../shared. So the edit path
-is driven in-process through ``server.service.EditService``, the code behind ``/v1/edit`` (compute threads,
-micro-batching, the feature cache, PNG answers), by client threads sending synthetic aligned 128-px crops, as
-``bench/throughput.py`` sends them over HTTP. Speed does not depend on the pixels.
-Each part's table goes to ``--out`` as soon as it is measured, and a part that fails is written down with its
-error instead of ending the run, so one run on a lent GPU brings back all it could measure.
+It needs torch, numpy, Pillow and numba, which the lent GPU machine has, and pydantic (models/config.py) and
+facenet-pytorch, which ``bench/gpu.sh`` carries there as wheels with two photos of ../shared: the HTTP layer's
+packages (FastAPI, …) would not fit beside the weights in what may travel there (64 MiB). So the edit path is
+driven in-process through ``server.service.EditService``, the code behind ``/v1/edit`` (compute threads,
+micro-batching, the feature cache, the detector, paste-back), by client threads sending synthetic aligned
+128-px crops, as ``bench/throughput.py`` sends them over HTTP (speed does not depend on the pixels), and by
+whole photos answered as the README's call is. Each part's table goes to ``--out`` as soon as it is measured,
+and a part that fails is written down with its error instead of ending the run, so one run on a lent GPU
+brings back all it could measure.
 
-Each part also checks the device against the CPU: the decoder's output (fp32, the same weights) and one whole
-edit through the service, as the largest |difference| in output pixel values.
+Each part also checks the device against the CPU: the decoder's output (fp32, the same weights), one aligned
+edit and each photo's edit through the service (faces found, the largest difference in output pixel values).
 
-On a lent GPU, as one prepared command: ``bash bench/gpu.sh wheels`` here, then the device tool's ``run``
-of ``bash bench/gpu.sh run`` carrying ``.wheels-gpu`` (timeout 540 s: the compiled decoders come last, so a
+On a lent GPU, as one prepared command: ``bash bench/gpu.sh prepare`` here, then the device tool's ``run``
+of ``bash bench/gpu.sh run`` carrying ``.gpu-carry`` (timeout 540 s: the compiled decoders come last, so a
 run cut short keeps the other parts). A smoke run on the CPU: ``python bench/gpu.py --device cpu --quick``.
 """
 
@@ -38,7 +40,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import machine, machine_kind, percentile, table
+from bench.common import PHOTOS, ROOT, machine, machine_kind, percentile, table
 from bench.run_all import for_machine
 from models.checkpoint import CONFIG_FILE, load_pretrained, read_config
 from models.device import pick_device
@@ -171,9 +173,15 @@ def crop_png(seed: int, size: int = 128) -> bytes:
 
 
 def build_service(
-    weights: Path, device: torch.device, workers: int, micro_batch: int, precision: str = "auto"
+    weights: Path,
+    device: torch.device,
+    workers: int,
+    micro_batch: int,
+    precision: str = "auto",
+    detect: bool = False,
 ) -> tuple[Any, Any, Any]:
-    """An EditService over ``weights`` on ``device``, assembled as server/state.py assembles it."""
+    """An EditService over ``weights`` on ``device``, assembled as server/state.py assembles it (the
+    settings' defaults); ``detect``: with the MTCNN face detector on ``device`` (needs facenet-pytorch)."""
     from server.admission import Admission
     from server.compute import ComputePool
     from server.served_models import BF16_TOLERANCE, ModelRegistry
@@ -183,10 +191,18 @@ def build_service(
     load = ModelRegistry.load
     registry = compute.run(load, weights, device, None, precision, BF16_TOLERANCE, micro_batch, 5.0, "auto")
 
-    def no_detector() -> Any:
-        raise RuntimeError("aligned crops only: this bench runs no face detection")
+    detector = None
+    if detect:
+        from server.faces import FaceDetector
 
-    service = EditService(lambda: registry, no_detector, 4096 * 4096, 8, 256, Admission(16, 64, 60.0), compute)
+        detector = compute.run(FaceDetector, device, 640, 0.9)
+
+    def get_detector() -> Any:
+        if detector is None:
+            raise RuntimeError("aligned crops only: this service has no face detector")
+        return detector
+
+    service = EditService(lambda: registry, get_detector, 40_000_000, 16, 256, Admission(16, 64, 60.0), compute)
     return service, registry, compute
 
 
@@ -270,6 +286,56 @@ def edit_path_section(weights: Path, device: torch.device, seconds: float, clien
     return f"{title}\n\n{notes[0]}\n\n" + table(header, rows) + "\n"
 
 
+def photo_section(weights: Path, device: torch.device, photos: list[Path], cold_runs: int, repeats: int) -> str:
+    """Whole photos through the service with the detector on the device, answered as the README's call is
+    (a JPEG upload: JPEG q95 image and overlay): first request (the cache cleared) and the same photo again,
+    p50 and the stages; then each photo's edit against the CPU's (faces found, largest pixel difference)."""
+    from server.imaging import JPEG_QUALITY_FULL, encode_jpeg
+    from server.service import EditRequest
+
+    def edit(service: Any, data: bytes) -> Any:
+        req = EditRequest(image=data, edits={"Blond_Hair": 0.8}, content_type="image/jpeg")
+        result = service.edit(req)
+        encode_jpeg(result.image, JPEG_QUALITY_FULL)
+        encode_jpeg(result.overlay, JPEG_QUALITY_FULL)
+        return result
+
+    rows: list[list[Any]] = []
+    checks: list[str] = []
+    service, registry, compute = build_service(weights, device, 1, 1, detect=True)
+    cpu = build_service(weights, torch.device("cpu"), 1, 1, "fp32", detect=True)
+    try:
+        for photo in photos:
+            data = photo.read_bytes()
+            runs: dict[str, list[float]] = {"first request": [], "again (cache hit)": []}
+            stages: dict[str, dict[str, float]] = {}
+            for _ in range(cold_runs):
+                service.cache.clear()
+                for kind, n in (("first request", 1), ("again (cache hit)", repeats)):
+                    for _ in range(n):
+                        t0 = time.perf_counter()
+                        result = edit(service, data)
+                        runs[kind].append((time.perf_counter() - t0) * 1000)
+                        stages[kind] = result.timings_ms
+            for kind, ms in runs.items():
+                stage_text = ", ".join(f"{k} {v:.0f}" for k, v in stages[kind].items())
+                rows.append([photo.name, kind, statistics.median(ms), percentile(ms, 0.95), stage_text])
+            got, want = edit(service, data), edit(cpu[0], data)
+            same_size = got.image.shape == want.image.shape
+            diff = int(np.abs(got.image.astype(np.int16) - want.image.astype(np.int16)).max()) if same_size else -1
+            checks.append(
+                f"{photo.name}: {len(got.faces)} faces (CPU {len(want.faces)}), largest pixel difference {diff}"
+            )
+    finally:
+        for _, reg, pool in ((service, registry, compute), cpu):
+            reg.close()
+            pool.close()
+    header = ["photo", "request", "p50 ms", "p95 ms", "stages of the last, ms"]
+    title = "#### Whole photos on the device (detector, alignment, paste-back; JPEG answers)"
+    note = "Against the CPU (fp32): " + "; ".join(checks) + "."
+    return f"{title}\n\n{note}\n\n" + table(header, rows) + "\n"
+
+
 # ---------------------------------------------------------------------------- 3. training
 #: The training presets timed: the served models' (generator preset, overrides of TrainConfig).
 TRAIN_PRESETS: tuple[tuple[str, dict[str, Any]], ...] = (("stgan-cpu", {}), ("mugan-cpu", {}))
@@ -333,17 +399,21 @@ def run(
     train_presets: tuple[tuple[str, dict[str, Any]], ...] = TRAIN_PRESETS,
     train_size: int = 128,
     compiled: bool = True,
+    photos: tuple[Path, ...] = (),
+    photo_runs: tuple[int, int] = (3, 5),
     out: Path | None = None,
 ) -> str:
     """Every part in turn; the document so far is written to ``out`` after each part."""
     parts: list[tuple[str, Callable[[], str]]] = [
         ("decoder", lambda: decoder_section(weights, device, repeats)),
         ("edit path", lambda: edit_path_section(weights, device, seconds, clients)),
-        ("training", lambda: training_section(device, train_steps, train_batches, train_presets, train_size)),
     ]
+    if photos:
+        parts.append(("whole photos", lambda: photo_section(weights, device, list(photos), *photo_runs)))
+    parts.append(("training", lambda: training_section(device, train_steps, train_batches, train_presets, train_size)))
     if compiled:
         parts.append(("compiled decoder", lambda: compiled_section(weights, device, repeats)))
-    doc = f"### CUDA paths: decoder, edit path, training\n\n{machine()}; device {describe(device)}\n"
+    doc = f"### CUDA paths\n\n{machine()}; device {describe(device)}\n"
     for name, part in parts:
         t0 = time.perf_counter()
         try:
@@ -365,12 +435,24 @@ QUICK: dict[str, Any] = {
     "train_steps": 1,
     "train_batches": (4,),
     "compiled": False,
+    "photo_runs": (1, 2),
 }
 
 
 def run_for_results(weights: Path, quick: bool = False) -> str:
     """The section for bench/RESULTS.md (``run_all.py --only cuda``), on the CUDA device."""
-    return run(weights, torch.device("cuda"), **(QUICK if quick else {}))
+    return run(weights, torch.device("cuda"), photos=default_photos(), **(QUICK if quick else {}))
+
+
+def default_photos() -> tuple[Path, ...]:
+    """The demo photos of ../shared, else those ``bench/gpu.sh prepare`` put beside the wheels: a portrait and
+    the six-face group (the micro-batched decode of several faces)."""
+    names = ("portrait-2.jpg", "group-six-faces.jpg")
+    for folder in (PHOTOS, ROOT / ".gpu-carry" / "photos"):
+        found = tuple(folder / n for n in names if (folder / n).is_file())
+        if found:
+            return found
+    return ()
 
 
 def describe(device: torch.device) -> str:
@@ -385,10 +467,12 @@ def main() -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cuda, cuda:1, cpu")
     p.add_argument("--out", type=Path, help="write the Markdown here after each part")
     p.add_argument("--quick", action="store_true", help="a smoke run: few repeats, short client runs, tiny steps")
+    p.add_argument("--photos", type=Path, nargs="*", help="whole photos to edit (default: a portrait, six faces)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     device = pick_device(args.device)
-    doc = run(args.weights, device, out=args.out, **(QUICK if args.quick else {}))
+    photos = tuple(args.photos) if args.photos is not None else default_photos()
+    doc = run(args.weights, device, photos=photos, out=args.out, **(QUICK if args.quick else {}))
     log.info("\n%s", doc)
 
 

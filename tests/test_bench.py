@@ -63,7 +63,7 @@ def test_the_interleaved_training_bench_times_each_tree_in_turn() -> None:
 TINY_TRAINING = (("stgan-tiny", {"disc_preset": "discriminator-tiny"}),)
 
 
-def tiny_cuda_bench(weights: Path, out: Path | None = None) -> str:
+def tiny_cuda_bench(weights: Path, out: Path | None = None, photos: tuple[Path, ...] = ()) -> str:
     """bench/gpu.py's run on the CPU with tiny models: every part, a few repeats."""
     from bench import gpu
 
@@ -78,6 +78,8 @@ def tiny_cuda_bench(weights: Path, out: Path | None = None) -> str:
         train_presets=TINY_TRAINING,
         train_size=32,
         compiled=False,
+        photos=photos,
+        photo_runs=(1, 2),
         out=out,
     )
 
@@ -92,11 +94,11 @@ def table_rows(doc: str, title: str) -> list[list[str]]:
 def test_the_cuda_bench_measures_every_part_and_compares_with_the_cpu(tmp_path: Path) -> None:
     from bench.common import machine_kind
     from bench.gpu import SETUPS
-    from tests.server_utils import make_weights
+    from tests.server_utils import PHOTOS, make_weights
 
     weights = make_weights(tmp_path / "weights", generators=("stgan-tiny", "mugan-tiny"))
     out = tmp_path / "cuda.md"
-    doc = tiny_cuda_bench(weights, out)
+    doc = tiny_cuda_bench(weights, out, photos=(PHOTOS / "group-six-faces.jpg",))
     assert "failed" not in doc.replace("| failed |", "")
     decoder = table_rows(doc, "#### Decoder on the device")
     assert sorted({(r[0], r[1]) for r in decoder}) == [("mugan", "1"), ("mugan", "16"), ("stgan", "1"), ("stgan", "16")]
@@ -105,10 +107,17 @@ def test_the_cuda_bench_measures_every_part_and_compares_with_the_cpu(tmp_path: 
     assert [(r[0], r[1]) for r in edits] == [(label, n) for label, _, _ in SETUPS for n in ("1", "3")]
     assert all(float(r[2]) > 0 and r[4] == "0" for r in edits)  # edits/s measured, none failed
     assert "largest pixel difference 0 of 255" in doc
+    photos = table_rows(doc, "#### Whole photos on the device")
+    assert [r[:2] for r in photos] == [
+        ["group-six-faces.jpg", "first request"],
+        ["group-six-faces.jpg", "again (cache hit)"],
+    ]
+    assert "detect" in photos[0][4] and "detect" not in photos[1][4]  # the second request hit the cache
+    assert "group-six-faces.jpg: 6 faces (CPU 6), largest pixel difference 0" in doc
     training = table_rows(doc, "#### Training step on the device")
     assert [(r[0], r[1]) for r in training] == [("stgan-tiny", "2")] and float(training[0][3]) > 0
     # the file is the RESULTS.md section, titled with the machine's kind as run_all titles it
-    assert out.read_text().splitlines()[0] == f"### CUDA paths: decoder, edit path, training — {machine_kind()}"
+    assert out.read_text().splitlines()[0] == f"### CUDA paths — {machine_kind()}"
 
 
 def test_a_part_of_the_cuda_bench_that_fails_is_written_down_and_the_rest_still_runs(
