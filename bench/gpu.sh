@@ -28,8 +28,8 @@ case "${1:-}" in
       "pydantic==$(ver pydantic)" "pydantic-core==$(ver pydantic-core)" "annotated-types==$(ver annotated-types)" \
       "typing-inspection==$(ver typing-inspection)" "facenet-pytorch==$(ver facenet-pytorch)"
     # what travels: tracked and untracked-not-ignored files, plus the carried folder (64 MiB at most)
-    size() { find "$@" -type f -exec stat -c %s {} + | paste -sd+ | bc; }
-    tree=$(git ls-files -z --cached --others --exclude-standard | xargs -0 stat -c %s 2> /dev/null | paste -sd+ | bc)
+    size() { find "$@" -type f -exec stat -c %s {} + | awk '{s += $1} END {print s + 0}'; }
+    tree=$(git ls-files -z --cached --others --exclude-standard | xargs -0 stat -c %s 2> /dev/null | awk '{s += $1} END {print s + 0}')
     limit=$(((64 << 20) - (256 << 10)))  # a quarter MiB to spare
     # the six-face group (detection, several faces decoded in one batch), then a 2048-px portrait if it fits
     rm -f "$CARRY"/photos/*
