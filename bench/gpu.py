@@ -40,7 +40,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import PHOTOS, ROOT, machine, machine_kind, percentile, table
+from bench.common import PHOTOS, ROOT, machine, machine_kind, summary, table, time_ms
 from bench.run_all import for_machine
 from models.checkpoint import CONFIG_FILE, load_pretrained, read_config
 from models.device import pick_device
@@ -61,18 +61,20 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 5) -> list[float]:
-    """Wall-clock ms of ``fn`` per call, the device synchronised before and after each call."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def timed_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> list[float]:
+    """:func:`bench.common.time_ms` of ``fn`` with the device synchronised after each call (a CUDA call
+    returns before its kernels finish)."""
+
+    def call() -> None:
         fn()
         synchronize(device)
-        out.append((time.perf_counter() - t0) * 1000)
-    return out
+
+    return time_ms(call, repeats, warmup=5)
+
+
+def served_layout_for(device: torch.device) -> torch.memory_format:
+    """channels_last on a GPU (cuDNN's fast layout for these convs); NCHW for a CPU smoke run."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
 def precisions_for(device: torch.device) -> tuple[str, ...]:
@@ -93,7 +95,7 @@ def decoder_section(weights: Path, device: torch.device, repeats: int) -> str:
         net_cpu, info = load_pretrained(folder)
         net_cpu = net_cpu.float().eval()
         net, _ = load_pretrained(folder, device)
-        layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+        layout = served_layout_for(device)
         net = net.float().eval().to(memory_format=layout)
         g = torch.Generator().manual_seed(0)
         for batch in (1, 16):
@@ -106,7 +108,7 @@ def decoder_section(weights: Path, device: torch.device, repeats: int) -> str:
                 step = decode_step(net, x_dev, cond_dev, device, precision)
                 ms = timed_ms(step, device, repeats)
                 diff = float((step()[0].float().cpu() - want).abs().max())
-                p50, p95 = statistics.median(ms), percentile(ms, 0.95)
+                p50, p95 = summary(ms)
                 rows.append([folder.name, batch, precision, "eager", p50, p95, f"{diff:.1e}"])
     header = ["model", "batch", "precision", "decoder", "p50 ms", "p95 ms", "max abs diff vs CPU fp32"]
     return "#### Decoder on the device (slider move)\n\n" + table(header, rows) + "\n"
@@ -139,7 +141,7 @@ def compiled_rows(folder: Path, device: torch.device, repeats: int) -> list[list
     from server.served_models import BF16_TOLERANCE, ServedGenerator, choose_precision
 
     net, info = load_pretrained(folder, device)
-    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    layout = served_layout_for(device)
     served = ServedGenerator(folder.name, info, net.float().eval().to(memory_format=layout), device)
     choose_precision(served, "auto", BF16_TOLERANCE)
     t0 = time.perf_counter()
@@ -157,7 +159,7 @@ def compiled_rows(folder: Path, device: torch.device, repeats: int) -> list[list
 
     ms = timed_ms(step, device, repeats)
     note = f"compiled in {compile_s:.0f} s"
-    return [[folder.name, 1, served.precision, note, statistics.median(ms), percentile(ms, 0.95)]]
+    return [[folder.name, 1, served.precision, note, *summary(ms)]]
 
 
 # ---------------------------------------------------------------------------- 2. the edit path
@@ -264,13 +266,13 @@ def device_vs_cpu_edit(service: Any, weights: Path) -> int:
 
 def edit_path_section(weights: Path, device: torch.device, seconds: float, clients: tuple[int, ...]) -> str:
     rows: list[list[Any]] = []
-    notes: list[str] = []
+    note = ""
     for label, workers, micro_batch in SETUPS:
         service, registry, compute = build_service(weights, device, workers, micro_batch)
         try:
-            if not notes:
+            if not note:  # the first set-up's service stands for all three
                 served = registry.generators[registry.default]
-                notes.append(
+                note = (
                     f"Default model {served.name} ({served.precision}); aligned crops, PNG answers, in-process "
                     f"clients. One edit on the device against the same edit on the CPU (fp32): largest pixel "
                     f"difference {device_vs_cpu_edit(service, weights)} of 255."
@@ -283,7 +285,7 @@ def edit_path_section(weights: Path, device: torch.device, seconds: float, clien
             compute.close()
     header = ["service", "clients", "edits/s", "p50 latency ms", "failed"]
     title = "#### The edit path on the device (EditService)"
-    return f"{title}\n\n{notes[0]}\n\n" + table(header, rows) + "\n"
+    return f"{title}\n\n{note}\n\n" + table(header, rows) + "\n"
 
 
 def photo_section(weights: Path, device: torch.device, photos: list[Path], cold_runs: int, repeats: int) -> str:
@@ -319,7 +321,7 @@ def photo_section(weights: Path, device: torch.device, photos: list[Path], cold_
                         stages[kind] = result.timings_ms
             for kind, ms in runs.items():
                 stage_text = ", ".join(f"{k} {v:.0f}" for k, v in stages[kind].items())
-                rows.append([photo.name, kind, statistics.median(ms), percentile(ms, 0.95), stage_text])
+                rows.append([photo.name, kind, *summary(ms), stage_text])
             got, want = edit(service, data), edit(cpu[0], data)
             same_size = got.image.shape == want.image.shape
             diff = int(np.abs(got.image.astype(np.int16) - want.image.astype(np.int16)).max()) if same_size else -1
