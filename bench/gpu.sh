@@ -54,8 +54,14 @@ case "${1:-}" in
       export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     fi
     out=${OUT:-bench}
-    if command -v nvidia-smi > /dev/null; then nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; fi
-    PYTHONUNBUFFERED=1 "$PYTHON" bench/gpu.py --out "$out/cuda.md" "${@:2}" 2>&1 | tee "$out/gpu.log"
+    {
+      if command -v nvidia-smi > /dev/null; then nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; fi
+      # the versions the rows were measured with (alignment needs scikit-image >= 0.26: from_estimate)
+      "$PYTHON" -c "import sys, torch, numpy, PIL, skimage, pydantic
+print('python', sys.version.split()[0], 'torch', torch.__version__, 'numpy', numpy.__version__,
+      'pillow', PIL.__version__, 'scikit-image', skimage.__version__, 'pydantic', pydantic.__version__)" || true
+      PYTHONUNBUFFERED=1 "$PYTHON" bench/gpu.py --out "$out/cuda.md" "${@:2}"
+    } 2>&1 | tee "$out/gpu.log"
     ;;
   *)
     echo "usage: bash bench/gpu.sh prepare | run [bench/gpu.py options]" >&2

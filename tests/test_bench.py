@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from bench.common import ROOT
 from bench.run_all import for_machine, header, replace_section
 
 
@@ -48,7 +50,6 @@ def test_a_title_that_only_begins_another_is_another_section() -> None:
 
 
 def test_the_interleaved_training_bench_times_each_tree_in_turn() -> None:
-    from bench.common import ROOT
     from bench.train_ab import compare
 
     tiny = {"disc_preset": "discriminator-tiny"}
@@ -156,3 +157,24 @@ def test_the_cuda_bench_times_the_servers_compiled_decoder_of_each_model(
     rows = table_rows(gpu.compiled_section(weights, torch.device("cpu"), repeats=2), "#### Compiled decoder")
     assert built == ["mugan", "stgan"] and [r[0] for r in rows] == built
     assert all(r[3].startswith("compiled in") and float(r[4]) > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_the_gpu_machines_command_logs_its_versions_and_writes_the_section(tmp_path: Path) -> None:
+    """``bash bench/gpu.sh run`` (what the device tool runs) on the CPU: the log starts with the versions
+    the rows were measured with, and the section is written beside it."""
+    import subprocess
+    import sys
+
+    from tests.server_utils import make_weights
+
+    weights = make_weights(tmp_path / "weights")
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)}
+    args = ["run", "--device", "cpu", "--quick", "--weights", str(weights), "--photos"]
+    done = subprocess.run(["bash", "bench/gpu.sh", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    versions = (tmp_path / "gpu.log").read_text().splitlines()[0]
+    assert f"torch {torch.__version__}" in versions and "scikit-image" in versions
+    section = (tmp_path / "cuda.md").read_text()
+    assert section.startswith("### CUDA paths") and "failed" not in section.replace("| failed |", "")
+    assert table_rows(section, "#### Training step on the device")
