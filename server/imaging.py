@@ -130,7 +130,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
         arr = np.asarray(im, dtype=np.float64)
         hi = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
         arr = np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, "L").convert("RGB")
+        return Image.fromarray(arr).convert("RGB")  # a 2-D uint8 array is mode L
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
