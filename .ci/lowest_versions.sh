@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Do pyproject.toml's lower bounds hold? Installs the project into a temporary venv with every runtime and
-# train dependency at the version its `>=` names (a bound that another package lifts, e.g. gradio's own
-# fastapi floor, is dropped and reported), then runs the quick tests (-m "not slow") there.
+# train dependency at the version its `>=` names (a bound that another package lifts, or one that
+# does not install here, is dropped and reported), then runs the quick tests (-m "not slow") there.
 # Not part of CI (about 8 minutes, torch included). Usage: bash .ci/lowest_versions.sh [pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
