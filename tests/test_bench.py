@@ -161,8 +161,8 @@ def test_the_cuda_bench_times_the_servers_compiled_decoder_of_each_model(
 
 @pytest.mark.slow
 def test_the_gpu_machines_command_logs_its_versions_and_writes_the_section(tmp_path: Path) -> None:
-    """``bash bench/gpu.sh run`` (what the device tool runs) on the CPU: the log starts with the versions
-    the rows were measured with, and the section is written beside it."""
+    """``bash bench/gpu.sh run`` (what the device tool runs) on the CPU: the log names the versions the rows
+    were measured with before the bench's output, and the section is written beside it."""
     import subprocess
     import sys
 
@@ -173,8 +173,10 @@ def test_the_gpu_machines_command_logs_its_versions_and_writes_the_section(tmp_p
     args = ["run", "--device", "cpu", "--quick", "--weights", str(weights), "--photos"]
     done = subprocess.run(["bash", "bench/gpu.sh", *args], cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    versions = (tmp_path / "gpu.log").read_text().splitlines()[0]
+    log = (tmp_path / "gpu.log").read_text().splitlines()
+    versions = next(line for line in log if line.startswith("python "))  # after nvidia-smi's lines, where present
     assert f"torch {torch.__version__}" in versions and "scikit-image" in versions
+    assert log.index(versions) < next(i for i, line in enumerate(log) if " INFO " in line)
     section = (tmp_path / "cuda.md").read_text()
     assert section.startswith("### CUDA paths") and "failed" not in section.replace("| failed |", "")
     assert table_rows(section, "#### Training step on the device")
