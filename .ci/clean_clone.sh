@@ -8,9 +8,10 @@ repo=$PWD
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 git clone -q "$repo" "$tmp/p"
+commit=$(git -C "$tmp/p" rev-parse --short HEAD)  # HEAD may move while CI runs
 if [ -d "$repo/../shared" ]; then ln -s "$(cd "$repo/../shared" && pwd)" "$tmp/shared"; fi
 start=$(date +%s)
 rc=0
 (cd "$tmp/p" && bash .ci/run "$@") || rc=$?
-echo "clean-clone CI of $(git rev-parse --short HEAD): exit $rc after $(($(date +%s) - start)) s"
+echo "clean-clone CI of $commit: exit $rc after $(($(date +%s) - start)) s"
 exit $rc
