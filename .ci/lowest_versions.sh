@@ -2,7 +2,7 @@
 # Do pyproject.toml's lower bounds hold? Installs the project into a temporary venv with every runtime and
 # train dependency at the version its `>=` names (a bound that another package lifts, or one that
 # does not install here, is dropped and reported), then runs the quick tests (-m "not slow") there.
-# Not part of CI (26 minutes on a 2-core EPYC beside two training runs, torch included). Usage: bash .ci/lowest_versions.sh [pytest args]
+# Not part of CI (23 minutes on a 2-core EPYC beside two training runs, torch included). Usage: bash .ci/lowest_versions.sh [pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD

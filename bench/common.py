@@ -17,6 +17,14 @@ from models.precision import cpu_has_bf16_units, describe_cpu_bf16
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT.parent / "shared" / "photos"
 
+#: The edit path's set-ups (label, compute threads, micro-batch size), over HTTP in bench/throughput.py and
+#: in-process in bench/gpu.py. One compute thread never merges decoder calls (server/state.py).
+EDIT_SETUPS = (
+    ("1 compute thread (the CPU default)", 1, 1),
+    ("4 compute threads, no micro-batching", 4, 1),
+    ("4 compute threads, micro-batching ≤8, ≤5 ms", 4, 8),
+)
+
 
 def machine() -> str:
     """The machine line every table carries (the same one model cards use), with the CPU's bf16 units."""

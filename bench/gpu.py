@@ -40,20 +40,13 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import PHOTOS, ROOT, machine, machine_kind, summary, table, time_ms
+from bench.common import EDIT_SETUPS, PHOTOS, ROOT, machine, machine_kind, summary, table, time_ms
 from bench.run_all import for_machine
 from models.checkpoint import CONFIG_FILE, load_pretrained, read_config
 from models.device import pick_device
 from models.precision import autocast, device_has_bf16_units
 
 log = logging.getLogger(__name__)
-
-#: The edit path's set-ups: (label, compute threads, micro-batch size); bench/throughput.py's three.
-SETUPS = (
-    ("1 compute thread (the CPU default)", 1, 1),
-    ("4 compute threads, no micro-batching", 4, 1),
-    ("4 compute threads, micro-batching ≤8, ≤5 ms", 4, 8),
-)
 
 
 def synchronize(device: torch.device) -> None:
@@ -267,7 +260,7 @@ def device_vs_cpu_edit(service: Any, weights: Path) -> int:
 def edit_path_section(weights: Path, device: torch.device, seconds: float, clients: tuple[int, ...]) -> str:
     rows: list[list[Any]] = []
     note = ""
-    for label, workers, micro_batch in SETUPS:
+    for label, workers, micro_batch in EDIT_SETUPS:
         service, registry, compute = build_service(weights, device, workers, micro_batch)
         try:
             if not note:  # the first set-up's service stands for all three
@@ -305,7 +298,7 @@ def photo_section(weights: Path, device: torch.device, photos: list[Path], cold_
     rows: list[list[Any]] = []
     checks: list[str] = []
     service, registry, compute = build_service(weights, device, 1, 1, detect=True)
-    cpu = build_service(weights, torch.device("cpu"), 1, 1, "fp32", detect=True)
+    cpu_service, cpu_registry, cpu_compute = build_service(weights, torch.device("cpu"), 1, 1, "fp32", detect=True)
     try:
         for photo in photos:
             data = photo.read_bytes()
@@ -322,14 +315,14 @@ def photo_section(weights: Path, device: torch.device, photos: list[Path], cold_
             for kind, ms in runs.items():
                 stage_text = ", ".join(f"{k} {v:.0f}" for k, v in stages[kind].items())
                 rows.append([photo.name, kind, *summary(ms), stage_text])
-            got, want = edit(service, data), edit(cpu[0], data)
+            got, want = edit(service, data), edit(cpu_service, data)
             same_size = got.image.shape == want.image.shape
             diff = int(np.abs(got.image.astype(np.int16) - want.image.astype(np.int16)).max()) if same_size else -1
             checks.append(
                 f"{photo.name}: {len(got.faces)} faces (CPU {len(want.faces)}), largest pixel difference {diff}"
             )
     finally:
-        for _, reg, pool in ((service, registry, compute), cpu):
+        for reg, pool in ((registry, compute), (cpu_registry, cpu_compute)):
             reg.close()
             pool.close()
     header = ["photo", "request", "p50 ms", "p95 ms", "stages of the last, ms"]

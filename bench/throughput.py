@@ -21,7 +21,7 @@ import httpx
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import PHOTOS, machine, table
+from bench.common import EDIT_SETUPS, PHOTOS, machine, table
 from server.launch import live_server
 
 
@@ -64,13 +64,13 @@ async def measure(url: str, clients: int, seconds: float) -> tuple[float, float]
 
 def run(weights: Path, seconds: float, model: str | None) -> str:
     rows = []
-    setups = {
-        "1 compute thread (default)": {"compute_workers": "1"},
-        "4 compute threads, no micro-batching": {"compute_workers": "4", "micro_batch": "1"},
-        "4 compute threads, micro-batching ≤8, ≤5 ms": {"compute_workers": "4", "micro_batch": "8"},
-    }
-    for label, setup in setups.items():
-        env = {"max_concurrent": "16", "max_queue": "64"} | setup
+    for label, workers, micro_batch in EDIT_SETUPS:
+        env = {
+            "max_concurrent": "16",
+            "max_queue": "64",
+            "compute_workers": str(workers),
+            "micro_batch": str(micro_batch),
+        }
         if model:
             env["default_model"] = model
         with live_server(weights, **env) as (url, _):

@@ -93,8 +93,7 @@ def table_rows(doc: str, title: str) -> list[list[str]]:
 
 
 def test_the_cuda_bench_measures_every_part_and_compares_with_the_cpu(tmp_path: Path) -> None:
-    from bench.common import machine_kind
-    from bench.gpu import SETUPS
+    from bench.common import EDIT_SETUPS, machine_kind
     from tests.server_utils import PHOTOS, make_weights
 
     weights = make_weights(tmp_path / "weights", generators=("stgan-tiny", "mugan-tiny"))
@@ -105,7 +104,7 @@ def test_the_cuda_bench_measures_every_part_and_compares_with_the_cpu(tmp_path: 
     assert sorted({(r[0], r[1]) for r in decoder}) == [("mugan", "1"), ("mugan", "16"), ("stgan", "1"), ("stgan", "16")]
     assert all(float(r[4]) > 0 and float(r[6]) == 0.0 for r in decoder)  # the CPU against itself: identical
     edits = table_rows(doc, "#### The edit path on the device")
-    assert [(r[0], r[1]) for r in edits] == [(label, n) for label, _, _ in SETUPS for n in ("1", "3")]
+    assert [(r[0], r[1]) for r in edits] == [(label, n) for label, _, _ in EDIT_SETUPS for n in ("1", "3")]
     assert all(float(r[2]) > 0 and r[4] == "0" for r in edits)  # edits/s measured, none failed
     assert "largest pixel difference 0 of 255" in doc
     photos = table_rows(doc, "#### Whole photos on the device")
