@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.blocks import ResizeConv, UpBlock, resize_weight_from_deconv
+from models.blocks import ResizeConv, UpBlock, replicate_pad1, resize_weight_from_deconv
 from models.generators import convert_upsampling
 from models.registry import build, get_preset
 from training.metrics import choose_gain, selection_score
@@ -130,6 +130,31 @@ def test_fused_resize_conv_equals_nearest_resize_then_3x3_conv() -> None:
     layer = ResizeConv(4, 6)
     x = torch.randn(3, 4, 7, 5)
     torch.testing.assert_close(layer(x), layer.reference_forward(x), atol=1e-5, rtol=1e-5)
+
+
+def test_resize_conv_pads_in_bf16_under_autocast_with_no_fp32_round_trip() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 5, 5).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate").dtype == torch.float32  # autocast's cast
+        padded = replicate_pad1(x)
+    assert padded.dtype == torch.bfloat16
+    assert padded.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(padded.float(), torch.nn.functional.pad(x.float(), (1, 1, 1, 1), mode="replicate"))
+    layer = ResizeConv(4, 6)
+    x_grad = x.detach().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x_grad)
+    out.float().sum().backward()
+    graph, stack = [], [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None:
+            graph.append(type(node).__name__)
+            stack.extend(next_fn for next_fn, _ in node.next_functions)
+    assert "ReplicationPad2DBackward0" in graph
+    assert x_grad.grad is not None and x_grad.grad.dtype == torch.bfloat16
+    assert graph.count("ToCopyBackward0") == 2  # the bias's cast and the weight's into its kernel; none at the pad
 
 
 def test_resize_conv_keeps_its_kernel_in_eval_without_autograd_until_the_weight_changes() -> None:
