@@ -15,9 +15,10 @@ from typing import Any
 import torch
 
 from models.attributes import implications_for
-from models.checkpoint import CONFIG_FILE, CheckpointError, ModelInfo, load_pretrained
+from models.checkpoint import CONFIG_FILE, CheckpointError, ModelInfo, load_pretrained, read_config
 from models.generators import AttributeGenerator, Encoded
 from models.precision import device_has_bf16_units
+from models.registry import get_architecture, parse_config
 from server.batching import MicroBatcher
 from server.faces import DEFAULT_TEMPLATE
 
@@ -210,12 +211,41 @@ class ModelRegistry:
         return out
 
 
+# (architecture config, device, threads) -> bf16's speed-up over fp32 in the first timing trial. A hot reload of
+# the same architecture only checks that bf16 agrees with fp32 for the new weights (one untimed decode in
+# each precision), so edits are not held up by a trial: on the 2-core EPYC with avx512-bf16 two reloads
+# that timed both models again held edits up to 2.3 s (bench/RESULTS.md, start-up and hot reload).
+_PRECISION_DECISIONS: dict[str, float] = {}
+
+
+def decision_key(architecture: str, config: Any, device: torch.device) -> str:
+    """What a timing decision (precision, layout) depends on: the network's shape, the device, the threads."""
+    return json.dumps([architecture, config, str(device), torch.get_num_threads()], sort_keys=True, default=str)
+
+
+def bf16_trial_pending(weights_dir: Path, device: torch.device) -> bool:
+    """True if a generator in ``weights_dir`` has an architecture whose bf16 speed on ``device`` is not timed
+    yet (from the folders' config.json alone, no weights read): its load would time decodes."""
+    for config_path in sorted(Path(weights_dir).glob(f"*/{CONFIG_FILE}")):
+        try:
+            doc = read_config(config_path.parent)
+            if get_architecture(doc["architecture"]).kind != "generator":
+                continue
+            config = parse_config(doc["architecture"], doc["config"])
+        except (CheckpointError, KeyError, ValueError, TypeError):
+            continue  # it will fail to load, with the reason logged there
+        if decision_key(doc["architecture"], config, device) not in _PRECISION_DECISIONS:
+            return True
+    return False
+
+
 def choose_precision(served: ServedGenerator, precision: str, tolerance: float) -> None:
     """bf16 autocast if asked, or (auto) if it is faster on this device and agrees with fp32.
 
     ``auto`` on a device without bf16 units (a CPU with neither AMX nor avx512-bf16) stays fp32
     without a trial: there bf16 is emulated, one decode took 3 s instead of 74 ms, and the trial
-    alone cost 17 s of start-up per model.
+    alone cost 17 s of start-up per model. The speed is timed once per architecture
+    (:data:`_PRECISION_DECISIONS`); the agreement with fp32 is checked for every load.
     """
     served.bf16_tolerance = tolerance
     if precision == "fp32" or served.device.type not in ("cpu", "cuda"):
@@ -224,6 +254,8 @@ def choose_precision(served: ServedGenerator, precision: str, tolerance: float) 
         served.precision = "fp32"
         log.info("%s: fp32 (this %s has no bf16 units; no bf16 trial)", served.name, served.device.type)
         return
+    key = decision_key(served.info.architecture, served.info.config, served.device)
+    timed = key not in _PRECISION_DECISIONS
     size = served.info.image_size
     g = torch.Generator().manual_seed(0)
     x = torch.rand(4, 3, size, size, generator=g) * 2 - 1
@@ -232,24 +264,26 @@ def choose_precision(served: ServedGenerator, precision: str, tolerance: float) 
     outputs = {}
     for p in ("fp32", "bf16"):
         served.precision = p
-        enc = served.encode(x)
-        served.decode(enc, cond)  # warm-up
-        t0 = time.perf_counter()
-        for _ in range(3):
-            enc = served.encode(x)
-            outputs[p] = served.decode(enc, cond)[0]
-        timings[p] = time.perf_counter() - t0
+        outputs[p] = served.decode(served.encode(x), cond)[0]  # the warm-up of a timed trial
+        if timed:
+            t0 = time.perf_counter()
+            for _ in range(3):
+                outputs[p] = served.decode(served.encode(x), cond)[0]
+            timings[p] = time.perf_counter() - t0
+    if timed:
+        _PRECISION_DECISIONS[key] = round(timings["fp32"] / timings["bf16"], 2)
     diff = float((outputs["bf16"] - outputs["fp32"]).abs().max())
     served.bf16_max_abs_diff = round(diff, 5)
-    served.speedup_bf16 = round(timings["fp32"] / timings["bf16"], 2)
+    served.speedup_bf16 = _PRECISION_DECISIONS[key]
     ok = diff <= tolerance
-    served.precision = "bf16" if precision == "bf16" or (ok and timings["bf16"] < timings["fp32"]) else "fp32"
+    served.precision = "bf16" if precision == "bf16" or (ok and served.speedup_bf16 > 1) else "fp32"
     log.info(
-        "%s: bf16 max |diff| %.4f (tolerance %.3f), speed-up %.2fx -> %s",
+        "%s: bf16 max |diff| %.4f (tolerance %.3f), speed-up %.2fx (%s) -> %s",
         served.name,
         diff,
         tolerance,
         served.speedup_bf16,
+        "timed" if timed else "timed at an earlier load",
         served.precision,
     )
 
@@ -307,11 +341,7 @@ def choose_layout(
     if served.device.type != "cpu" or served.precision == "bf16":
         set_layout(served, "channels_last")
         return
-    key = json.dumps(
-        [served.info.architecture, served.info.config, str(served.device), torch.get_num_threads()],
-        sort_keys=True,
-        default=str,
-    )
+    key = decision_key(served.info.architecture, served.info.config, served.device)
     if key not in _LAYOUT_DECISIONS:
         ms = timer(served)
         _LAYOUT_DECISIONS[key] = (min(ms, key=ms.__getitem__), ms)

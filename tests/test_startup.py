@@ -230,6 +230,53 @@ def test_a_load_without_bf16_trial_runs_on_a_thread_that_ends(tmp_path: Path, mo
         state.compute.close()
 
 
+def test_a_hot_reload_reuses_the_bf16_timing_and_leaves_the_compute_thread_free(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the hardware has bf16 units the first load times bf16 against fp32 on the compute thread; a
+    reload of the same architecture checks only bf16's agreement for the new weights (one decode in each
+    precision) on a thread of its own, so edits go on meanwhile. A new architecture is timed again."""
+    import server.served_models as served_models
+    import server.state as state_module
+
+    monkeypatch.setattr(served_models, "device_has_bf16_units", lambda device: True)
+    monkeypatch.setattr(state_module, "device_has_bf16_units", lambda device: True)
+    monkeypatch.setattr(served_models, "_PRECISION_DECISIONS", {})
+    decodes: list[tuple[str, str]] = []  # (thread, precision) of each decode during a load
+    real_decode = served_models.ServedGenerator.decode
+
+    def counting_decode(self: served_models.ServedGenerator, *args: object, **kwargs: object) -> object:
+        decodes.append((threading.current_thread().name, self.precision))
+        return real_decode(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(served_models.ServedGenerator, "decode", counting_decode)
+    weights = make_weights(tmp_path / "w")
+    cpu = torch.device("cpu")
+    settings = Settings(weights_dir=weights, compile="off", layout="channels_last", bf16_tolerance=10.0)
+    state = AppState(settings, cpu)
+    try:
+        assert served_models.bf16_trial_pending(weights, cpu)
+        first = state.load_models().generators["stgan"]
+        assert len(decodes) == 8  # a warm-up and three timed decodes in each precision
+        assert all(thread.startswith("torch-compute") for thread, _ in decodes)
+        assert first.speedup_bf16 is not None and first.bf16_max_abs_diff is not None
+        assert first.precision == ("bf16" if first.speedup_bf16 > 1 else "fp32")
+        assert not served_models.bf16_trial_pending(weights, cpu)
+
+        decodes.clear()
+        make_weights(weights, seed=1)  # new weights, same architecture: a hot reload
+        again = state.load_models().generators["stgan"]
+        assert sorted(p for _, p in decodes) == ["bf16", "fp32"]  # the agreement check, untimed
+        assert not any(thread.startswith("torch-compute") for thread, _ in decodes)
+        assert again.speedup_bf16 == first.speedup_bf16 and again.precision == first.precision
+        assert again.bf16_max_abs_diff is not None and again.bf16_max_abs_diff != first.bf16_max_abs_diff
+
+        make_weights(weights, generators=("mugan-tiny",), classifier=False)  # an architecture not timed yet
+        assert served_models.bf16_trial_pending(weights, cpu)
+    finally:
+        state.compute.close()
+
+
 def test_the_server_entry_point_shortens_openmp_spinning_before_torch_loads() -> None:
     """libgomp reads GOMP_SPINCOUNT once, when torch loads it: server.boot must set it before that (and
     leave a value from the environment alone)."""
