@@ -170,7 +170,12 @@ class ModelRegistry:
                 reg.failed[folder.name] = str(exc)
                 log.error("model %s failed to load: %s", folder.name, exc)
                 continue
-            net = net.float().to(memory_format=torch.channels_last).eval()
+            # Frozen: nothing served needs gradients, and under bf16 autocast the casts of weights that require
+            # grad are kept in autocast's process-wide cache. Leaving autocast, an edit cleared that cache holding its
+            # mutex, and freeing the casts' autograd nodes waited for the GIL, which a background compile held
+            # while it waited for the mutex (its traced conv2d casting through the cache): the server hung
+            # (py-spy --native, EPYC with avx512-bf16, 1 compute thread, 4 clients). Frozen weights are never cached.
+            net = net.float().to(memory_format=torch.channels_last).eval().requires_grad_(False)
             if info.kind == "classifier":
                 if reg.classifier is None or folder.name == "classifier":
                     reg.classifier = ServedClassifier(info, net, device)

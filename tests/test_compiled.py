@@ -208,3 +208,57 @@ def test_a_second_model_compiles_with_static_sizes_but_the_batch(
         torch._dynamo.reset()
     assert {"mugan", "stgan"} <= set(graphs)
     assert symbolic == []
+
+
+# A decode loop on the main thread while another thread compiles the same bf16 decoder; run in a child
+# process, because the hang it guards against holds the GIL and no timeout inside the process could fire.
+_EDITS_DURING_COMPILE = """
+import sys, threading
+from pathlib import Path
+import torch
+from server.compiled import compile_decoder
+from server.served_models import ModelRegistry
+registry = ModelRegistry.load(Path(sys.argv[1]), torch.device("cpu"), precision="bf16", micro_batch=1)
+served = registry.generators["stgan"]
+x = torch.rand(1, 3, served.info.image_size, served.info.image_size) * 2 - 1
+cond = torch.zeros(1, len(served.info.attributes))
+encoded = served.encode(x)
+faster = lambda fn, *a: {"eager_ms": 2.0, "compiled_ms": 1.0}
+compiling = threading.Thread(target=compile_decoder, args=(served, faster))
+compiling.start()
+decodes = 0
+while compiling.is_alive():
+    served.decode(encoded, cond)
+    decodes += 1
+print(decodes, served.compiled_decode is not None)
+"""
+
+
+@pytest.mark.skipif(not has_cxx_compiler(), reason="inductor's CPU backend needs a C++ compiler")
+def test_bf16_edits_go_on_while_the_decoder_compiles_in_the_background(tmp_path: Path) -> None:
+    """Under bf16 autocast the casts of weights that require grad are kept in autocast's process-wide cache: an
+    edit leaving autocast cleared it holding its mutex and waited for the GIL to free the casts' autograd nodes,
+    while a compiling thread held the GIL and waited for the mutex, and the server hung (EPYC with avx512-bf16,
+    real models, 4 clients). Served networks are frozen, so no cast is cached: the assertions on requires_grad
+    catch a regression; the child process runs the scenario, which with these tiny models finished 3 of 3
+    times even before the fix (the window is short), so it guards the path, not the race."""
+    import subprocess
+    import sys
+
+    weights = make_weights(tmp_path / "w")
+    registry = ModelRegistry.load(weights, torch.device("cpu"), precision="bf16", micro_batch=1)
+    assert not any(p.requires_grad for g in registry.generators.values() for p in g.net.parameters())
+    assert registry.classifier is not None and not any(p.requires_grad for p in registry.classifier.net.parameters())
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", _EDITS_DURING_COMPILE, str(weights)],
+            cwd=Path(__file__).resolve().parents[1],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("decoding while the decoder compiled hung")
+    assert out.returncode == 0, out.stderr[-2000:]
+    decodes, swapped = out.stdout.split()
+    assert int(decodes) > 0 and swapped == "True"
