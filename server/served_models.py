@@ -15,10 +15,9 @@ from typing import Any
 import torch
 
 from models.attributes import implications_for
-from models.checkpoint import CONFIG_FILE, CheckpointError, ModelInfo, load_pretrained, read_config
+from models.checkpoint import CONFIG_FILE, CheckpointError, ModelInfo, load_pretrained
 from models.generators import AttributeGenerator, Encoded
 from models.precision import device_has_bf16_units
-from models.registry import get_architecture, parse_config
 from server.batching import MicroBatcher
 from server.faces import DEFAULT_TEMPLATE
 
@@ -135,6 +134,11 @@ def summarise_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def run_here(fn: Callable[..., Any], *args: Any) -> Any:
+    """A ``run_timed`` that runs ``fn`` in the calling thread."""
+    return fn(*args)
+
+
 @dataclass
 class ModelRegistry:
     """A snapshot of what is served; a reload builds a new one and swaps it in whole."""
@@ -156,7 +160,9 @@ class ModelRegistry:
         micro_batch: int = 8,
         micro_batch_wait_ms: float = 5.0,
         layout: str = "auto",
+        run_timed: Callable[..., Any] = run_here,
     ) -> ModelRegistry:
+        """``run_timed`` runs the bf16 timing trial (:func:`choose_precision`)."""
         reg = cls()
         folders = (
             sorted(p for p in Path(weights_dir).glob("*") if (p / CONFIG_FILE).is_file())
@@ -183,7 +189,7 @@ class ModelRegistry:
             if info.kind != "generator":
                 continue
             served = ServedGenerator(folder.name, info, net, device)  # type: ignore[arg-type]
-            choose_precision(served, precision, bf16_tolerance)
+            choose_precision(served, precision, bf16_tolerance, run_timed)
             choose_layout(served, layout)
             served.enable_batching(micro_batch, micro_batch_wait_ms)
             reg.generators[folder.name] = served
@@ -228,29 +234,33 @@ def decision_key(architecture: str, config: Any, device: torch.device) -> str:
     return json.dumps([architecture, config, str(device), torch.get_num_threads()], sort_keys=True, default=str)
 
 
-def bf16_trial_pending(weights_dir: Path, device: torch.device) -> bool:
-    """True if a generator in ``weights_dir`` has an architecture whose bf16 speed on ``device`` is not timed
-    yet (from the folders' config.json alone, no weights read): its load would time decodes."""
-    for config_path in sorted(Path(weights_dir).glob(f"*/{CONFIG_FILE}")):
-        try:
-            doc = read_config(config_path.parent)
-            if get_architecture(doc["architecture"]).kind != "generator":
-                continue
-            config = parse_config(doc["architecture"], doc["config"])
-        except (CheckpointError, KeyError, ValueError, TypeError):
-            continue  # it will fail to load, with the reason logged there
-        if decision_key(doc["architecture"], config, device) not in _PRECISION_DECISIONS:
-            return True
-    return False
+def _time_precisions(
+    served: ServedGenerator, x: torch.Tensor, cond: torch.Tensor, rounds: int
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Each precision's output image for ``x`` under ``cond`` and, with ``rounds``, the seconds of ``rounds``
+    encode + decode passes after a warm-up (the first pass)."""
+    timings, outputs = {}, {}
+    for p in ("fp32", "bf16"):
+        served.precision = p
+        outputs[p] = served.decode(served.encode(x), cond)[0]
+        if rounds:
+            t0 = time.perf_counter()
+            for _ in range(rounds):
+                outputs[p] = served.decode(served.encode(x), cond)[0]
+            timings[p] = time.perf_counter() - t0
+    return timings, outputs
 
 
-def choose_precision(served: ServedGenerator, precision: str, tolerance: float) -> None:
+def choose_precision(
+    served: ServedGenerator, precision: str, tolerance: float, run_timed: Callable[..., Any] = run_here
+) -> None:
     """bf16 autocast if asked, or (auto) if it is faster on this device and agrees with fp32.
 
     ``auto`` on a device without bf16 units (a CPU with neither AMX nor avx512-bf16) stays fp32
     without a trial: there bf16 is emulated, one decode took 3 s instead of 74 ms, and the trial
     alone cost 17 s of start-up per model. The speed is timed once per architecture
-    (:data:`_PRECISION_DECISIONS`); the agreement with fp32 is checked for every load.
+    (:data:`_PRECISION_DECISIONS`), through ``run_timed`` (the server's compute thread, so the timing
+    does not race edits for the cores); the agreement with fp32 is checked for every load, where it runs.
     """
     served.bf16_tolerance = tolerance
     if precision == "fp32" or served.device.type not in ("cpu", "cuda"):
@@ -265,18 +275,11 @@ def choose_precision(served: ServedGenerator, precision: str, tolerance: float) 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(4, 3, size, size, generator=g) * 2 - 1
     cond = torch.randint(-1, 2, (4, len(served.info.attributes)), generator=g).float()
-    timings = {}
-    outputs = {}
-    for p in ("fp32", "bf16"):
-        served.precision = p
-        outputs[p] = served.decode(served.encode(x), cond)[0]  # the warm-up of a timed trial
-        if timed:
-            t0 = time.perf_counter()
-            for _ in range(3):
-                outputs[p] = served.decode(served.encode(x), cond)[0]
-            timings[p] = time.perf_counter() - t0
     if timed:
+        timings, outputs = run_timed(_time_precisions, served, x, cond, 3)
         _PRECISION_DECISIONS[key] = round(timings["fp32"] / timings["bf16"], 2)
+    else:
+        outputs = _time_precisions(served, x, cond, 0)[1]
     diff = float((outputs["bf16"] - outputs["fp32"]).abs().max())
     served.bf16_max_abs_diff = round(diff, 5)
     served.speedup_bf16 = _PRECISION_DECISIONS[key]

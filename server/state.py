@@ -10,14 +10,13 @@ import torch
 
 from models.device import pick_device
 from models.memory import retain_freed_memory
-from models.precision import device_has_bf16_units
 from server import paste_kernel
 from server.admission import Admission
 from server.compiled import compile_in_background, should_compile
 from server.compute import ComputePool, run_in_own_thread
 from server.config import Settings
 from server.faces import FaceDetector
-from server.served_models import ModelRegistry, bf16_trial_pending
+from server.served_models import ModelRegistry
 from server.service import EditService
 
 log = logging.getLogger(__name__)
@@ -80,19 +79,12 @@ class AppState:
         # with one compute thread there are never two decoder calls to merge, and a batcher thread
         # would be a second OpenMP team (see server/compute.py)
         micro_batch = s.micro_batch if s.compute_workers > 1 else 1
-        # Reading safetensors is light work; only the bf16 timing trial (hardware with bf16 units,
-        # precision=auto, an architecture not timed yet) is heavy torch work that belongs on the compute
-        # thread. Elsewhere the load runs on a thread of its own, so edits keep being served during a hot
-        # reload (and the OpenMP team the load creates ends with that thread: server/compute.py).
-        trial = (
-            s.precision == "auto"
-            and device_has_bf16_units(self.device)
-            and bf16_trial_pending(s.weights_dir, self.device)
-        )
-        run = self.compute.run if trial else run_in_own_thread
+        # The load runs on a thread of its own, so edits keep being served during a hot reload (and the
+        # OpenMP team the load creates ends with that thread: server/compute.py); only the bf16 timing trial
+        # (hardware with bf16 units, an architecture not timed yet) runs on the compute thread.
         compiling = compile_decoders and should_compile(s.compile, self.device)
         layout = served_layout(s.layout, self.device, compiling)
-        new = run(
+        new = run_in_own_thread(
             ModelRegistry.load,
             s.weights_dir,
             self.device,
@@ -102,6 +94,7 @@ class AppState:
             micro_batch,
             s.micro_batch_wait_ms,
             layout,
+            self.compute.run,
         )
         old, self.registry = self.registry, new
         old.close()  # its batchers finish what is queued, then their threads end

@@ -208,9 +208,9 @@ def test_run_in_own_thread_returns_raises_and_leaves_no_thread() -> None:
 def test_a_load_without_bf16_trial_runs_on_a_thread_that_ends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Torch work on a long-lived thread other than the compute thread would leave an OpenMP team behind
     that throttles every later op (server/compute.py): the load's thread must be its own and end with it."""
-    import server.state as state_module
+    import server.served_models as served_models
 
-    monkeypatch.setattr(state_module, "device_has_bf16_units", lambda device: False)
+    monkeypatch.setattr(served_models, "device_has_bf16_units", lambda device: False)
     loaders: list[threading.Thread] = []
     real_load = ModelRegistry.load
 
@@ -237,10 +237,8 @@ def test_a_hot_reload_reuses_the_bf16_timing_and_leaves_the_compute_thread_free(
     reload of the same architecture checks only bf16's agreement for the new weights (one decode in each
     precision) on a thread of its own, so edits go on meanwhile. A new architecture is timed again."""
     import server.served_models as served_models
-    import server.state as state_module
 
     monkeypatch.setattr(served_models, "device_has_bf16_units", lambda device: True)
-    monkeypatch.setattr(state_module, "device_has_bf16_units", lambda device: True)
     monkeypatch.setattr(served_models, "_PRECISION_DECISIONS", {})
     decodes: list[tuple[str, str]] = []  # (thread, precision) of each decode during a load
     real_decode = served_models.ServedGenerator.decode
@@ -255,13 +253,11 @@ def test_a_hot_reload_reuses_the_bf16_timing_and_leaves_the_compute_thread_free(
     settings = Settings(weights_dir=weights, compile="off", layout="channels_last", bf16_tolerance=10.0)
     state = AppState(settings, cpu)
     try:
-        assert served_models.bf16_trial_pending(weights, cpu)
         first = state.load_models().generators["stgan"]
         assert len(decodes) == 8  # a warm-up and three timed decodes in each precision
         assert all(thread.startswith("torch-compute") for thread, _ in decodes)
         assert first.speedup_bf16 is not None and first.bf16_max_abs_diff is not None
         assert first.precision == ("bf16" if first.speedup_bf16 > 1 else "fp32")
-        assert not served_models.bf16_trial_pending(weights, cpu)
 
         decodes.clear()
         make_weights(weights, seed=1)  # new weights, same architecture: a hot reload
@@ -271,8 +267,11 @@ def test_a_hot_reload_reuses_the_bf16_timing_and_leaves_the_compute_thread_free(
         assert again.speedup_bf16 == first.speedup_bf16 and again.precision == first.precision
         assert again.bf16_max_abs_diff is not None and again.bf16_max_abs_diff != first.bf16_max_abs_diff
 
+        decodes.clear()
         make_weights(weights, generators=("mugan-tiny",), classifier=False)  # an architecture not timed yet
-        assert served_models.bf16_trial_pending(weights, cpu)
+        state.load_models()
+        timed_again = [thread for thread, _ in decodes if thread.startswith("torch-compute")]
+        assert len(timed_again) == 8 and len(decodes) == 10  # mugan timed on the compute thread; stgan checked
     finally:
         state.compute.close()
 
@@ -308,7 +307,6 @@ def test_decoders_that_will_be_compiled_load_in_channels_last_without_a_layout_t
     assert served_layout("auto", cpu, compiling=False) == "auto"  # the eager trial decides
     assert served_layout("contiguous", cpu, compiling=True) == "contiguous"  # a setting wins
 
-    monkeypatch.setattr(state_module, "device_has_bf16_units", lambda device: False)
     monkeypatch.setattr(served_models, "device_has_bf16_units", lambda device: False)
     monkeypatch.setattr(served_models, "_LAYOUT_DECISIONS", {})
     monkeypatch.setattr(state_module, "should_compile", lambda mode, device: True)
