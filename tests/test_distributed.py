@@ -65,3 +65,19 @@ def test_two_gloo_ranks_match_one_process(prepared_cache: Path, tmp_path: Path) 
     )
     assert moved > 100 * max(worst, 1e-7)
     assert torch.equal(t_ddp["G.encoder.0.1.num_batches_tracked"], t_one["G.encoder.0.1.num_batches_tracked"])
+
+
+def test_shutdown_ends_the_process_group_the_training_started() -> None:
+    import torch.distributed as dist
+
+    from training import distributed
+
+    distributed.shutdown()  # no group: nothing to do
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        assert dist.is_initialized()
+        distributed.shutdown()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

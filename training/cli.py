@@ -49,6 +49,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     import torch
 
+    from training import distributed
     from training.checkpoints import read_training_checkpoint
     from training.config import TrainConfig
     from training.trainer import Trainer
@@ -90,7 +91,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         log.info("warm-started from %s at step %d", args.init_from, trainer.step)
     n_params = sum(p.numel() for p in trainer.G.parameters())
     log.info("generator %s: %.2fM parameters; torch threads %d", cfg.preset, n_params / 1e6, torch.get_num_threads())
-    trainer.fit(max_minutes=args.max_minutes, max_steps=args.max_steps)
+    try:
+        trainer.fit(max_minutes=args.max_minutes, max_steps=args.max_steps)
+    finally:
+        distributed.shutdown()
 
 
 def ensure_cache(cfg: Any) -> None:
