@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +110,11 @@ def test_the_cuda_bench_measures_every_part_and_compares_with_the_cpu(tmp_path: 
     edits = table_rows(doc, "#### The edit path on the device")
     assert [(r[0], r[1]) for r in edits] == [(label, n) for label, _, _ in EDIT_SETUPS for n in ("1", "3")]
     assert all(float(r[2]) > 0 and r[4] == "0" for r in edits)  # edits/s measured, none failed
-    assert "largest pixel difference 0 of 255" in doc
+    # the CPU against itself in fp32: identical; where the CPU has bf16 units the precision trial may serve the
+    # tiny model in bf16 (its speed-up is noise at this size), and then the edit is near the fp32 one
+    served = re.search(r"Default model \w+ \((\w+)\).*largest pixel difference (\d+) of 255", doc)
+    assert served is not None
+    assert int(served[2]) == 0 if served[1] == "fp32" else int(served[2]) <= 12  # bf16_tolerance 0.08 of [-1, 1]
     photos = table_rows(doc, "#### Whole photos on the device")
     assert [r[:2] for r in photos] == [
         ["group-six-faces.jpg", "first request"],
