@@ -4,7 +4,7 @@ FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
 
-# A C++ compiler: the server compiles its decoders with TorchInductor in the background (server/compiled.py,
+# A C++ compiler: the server compiles its decoders with AOTInductor in a child process (server/compiled.py,
 # FACE_EDITOR_COMPILE=auto); without one they stay eager.
 RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 # torch/torchvision pinned as in .ci/setup.sh; facenet-pytorch without its (torch<2.3) pins.
@@ -21,10 +21,11 @@ COPY server ./server
 COPY frontend ./frontend
 ENV PYTHONPATH=/app
 RUN useradd --create-home --uid 10001 editor \
- && mkdir -p /app/weights && chown editor /app/weights
+ && mkdir -p /app/weights /cache/decoders && chown editor /app/weights /cache/decoders
 USER editor
 
-ENV FACE_EDITOR_HOST=0.0.0.0 FACE_EDITOR_PORT=8000 FACE_EDITOR_WEIGHTS_DIR=/app/weights
+ENV FACE_EDITOR_HOST=0.0.0.0 FACE_EDITOR_PORT=8000 FACE_EDITOR_WEIGHTS_DIR=/app/weights \
+    FACE_EDITOR_COMPILE_CACHE_DIR=/cache/decoders
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
   CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=4).status == 200 else 1)"

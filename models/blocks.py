@@ -58,6 +58,12 @@ UPSAMPLING = ("deconv", "resize")
 _RESIZE_TAPS = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
 
 
+def tracing() -> bool:
+    """Whether the code runs under a tracer (``torch.compile`` or ``torch.export``, whose non-strict mode
+    ``is_compiling`` does not report): tensors may be fakes without data, so nothing is cached."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
 def replicate_pad1(x: torch.Tensor) -> torch.Tensor:
     """``x`` with its border pixels repeated once on each side, in ``x``'s dtype. CPU autocast lists
     ``replication_pad2d`` among its fp32 ops: under bf16 it cast a decoder's largest activations to fp32 for
@@ -137,9 +143,9 @@ class ResizeConv(nn.Module):
         until the weight changes: recomputing it (an einsum and its copies) took 45 % of a batch-1 STGAN
         decode. Never in training mode: a fused optimiser step changes the weight without bumping its
         version counter, so the key below cannot see it; switching modes drops the kernel."""
-        if torch.compiler.is_compiling() and self._baked_kernel is not None and not self.training:
+        if tracing() and self._baked_kernel is not None and not self.training:
             return self._baked_kernel.to(x.dtype)
-        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if self.training or torch.is_grad_enabled() or tracing():
             return self.transposed_kernel().to(x.dtype)
         w = self.weight
         key = (w._version, w.data_ptr(), w.device, x.dtype, torch.is_autocast_enabled(x.device.type))
@@ -316,8 +322,12 @@ class SelectiveTransferUnit(nn.Module):
         the reset and update kernels stacked, state half of the hidden kernel). Kept between calls in eval
         mode without autograd until a weight changes (as :class:`ResizeConv` keeps its kernel)."""
         convs = (self.reset_gate, self.update_gate, self.hidden)
-        cacheable = not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling())
-        key = tuple((p._version, p.data_ptr(), p.device, p.dtype) for m in convs for p in (m.weight, m.bias))
+        cacheable = not (self.training or torch.is_grad_enabled() or tracing())
+        key = (
+            tuple((p._version, p.data_ptr(), p.device, p.dtype) for m in convs for p in (m.weight, m.bias))
+            if cacheable
+            else ()
+        )
         if cacheable and self._split_cache is not None and self._split_cache[0] == key:
             return self._split_cache[1]
         k = self.reset_gate.weight.shape[1] // 2

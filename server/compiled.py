@@ -1,31 +1,46 @@
-"""Decoders compiled with TorchInductor, built in the background after the models load.
+"""Decoders compiled ahead of time with AOTInductor, in a child process, after the models load.
 
 A slider move runs only the decoder, at batch 1, where eager PyTorch spends much of its time between
 small ops. Inductor with ``freezing`` (the weights become constants, so oneDNN prepacks the
 convolutions and the element-wise ops around them fuse) made the served decoders about 1.5x faster
-on a 2-core AMD EPYC (``bench/slider.py --compiled``). Compiling takes tens of seconds per model,
-so it never delays start-up: the models serve eagerly until their compiled decoder is built (once
-the service is idle), checked against the eager one and timed, and it is swapped in only when it
-agrees and is faster. Anything that fails (no C++ compiler, an op inductor cannot lower) leaves the model
-eager, logged and shown in ``GET /v1/models``.
+on a 2-core AMD EPYC (``bench/slider.py --compiled``). Compiling takes tens of seconds per model, so it
+never delays start-up: the models serve eagerly until their compiled decoder is built, checked against
+the eager one and timed, and it is swapped in only when it agrees and is faster. Anything that fails
+(no C++ compiler, an op inductor cannot lower) leaves the model eager, logged and shown in
+``GET /v1/models``.
+
+The compile runs in a child process (:mod:`server.compile_worker`) at the lowest CPU priority, not on a
+thread: tracing and lowering are Python that held the server's GIL, and every small op of an edit
+waited for it (the README's REST call took 4.4 s instead of 0.29 s while MU-GAN compiled on the 2-core
+EPYC with avx512-bf16). Its packages are kept in a cache directory, keyed by the weights, precision,
+layout, code and machine: the next start or reload with the same weights loads them in well under a
+second instead of compiling again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
+import json
 import logging
 import os
 import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from models.blocks import ResizeConv
-from server.served_models import ModelRegistry, ServedGenerator
+from models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save_pretrained
+from models.generators import Encoded
+from server.served_models import ModelRegistry, ServedGenerator, layout_name, run_here
 
 log = logging.getLogger(__name__)
 
@@ -90,36 +105,165 @@ def disagreement(
     return None
 
 
-def _mark_batch_dynamic(encoded: Any, cond: torch.Tensor) -> None:
-    """One compiled graph for every batch size above 1 (micro-batching merges faces), not one per size."""
-    for t in (*encoded.tensors(), cond):
-        torch._dynamo.mark_dynamic(t, 0)
+#: Bump when what the child compiles changes in a way the key below cannot see.
+PACKAGE_FORMAT = 1
+#: A compile that has not finished after this long is stopped (the model stays eager).
+COMPILE_TIMEOUT_S = 1800.0
+_ROOT = Path(__file__).resolve().parents[1]
 
 
-def build_compiled_decoder(served: ServedGenerator) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """``served.net.decode`` compiled, warmed up (the compiles happen here: one graph for batch 1, the
-    slider's, and one for any larger batch) and checked against eager at batch 1 and 3; raises
-    ``RuntimeError`` when they disagree."""
-    import torch._inductor.config as inductor_config
+def default_cache_dir() -> Path:
+    """Where compiled decoders are kept between runs (``FACE_EDITOR_COMPILE_CACHE_DIR`` overrides it)."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "face-attribute-editor" / "decoders"
 
-    inductor_config.freezing = True
-    inductor_config.compile_threads = 1  # compile in this thread (niced), no pool of worker processes
-    # Every generator's ``decode`` is one code object, and Dynamo's automatic dynamic shapes took the
-    # second model's other channel counts for a shape change of the first's: the second model compiled
-    # its graphs with symbolic sizes and slower kernels (EPYC, interleaved worker processes, 16 rounds:
-    # STGAN compiled after MU-GAN 28.3 ms a slider move, alone 24.0 ms, after MU-GAN with this off 24.2).
-    # The batch stays dynamic where it is marked (_mark_batch_dynamic).
-    torch._dynamo.config.automatic_dynamic_shapes = False
-    for module in served.net.modules():
-        if isinstance(module, ResizeConv):
-            module.bake_kernel()
-    compiled = torch.compile(served.net.decode)
+
+@functools.lru_cache(maxsize=1)
+def _code_digest() -> str:
+    """The source of what a package compiles (the networks and the worker): a change makes new packages."""
+    files = [*sorted((_ROOT / "models").glob("*.py")), _ROOT / "server" / "compile_worker.py"]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def _machine_digest(device: torch.device) -> str:
+    """The machine a package's native code was built for: torch, the CPU's instruction sets, the GPU."""
+    parts = [torch.__version__, torch.backends.cpu.get_cpu_capability(), str(device.type)]
+    with contextlib.suppress(OSError):
+        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+        parts.append(" ".join(sorted(flags.split(":", 1)[-1].split())))
+    if device.type == "cuda":
+        parts.append(torch.cuda.get_device_name(device))
+    return "|".join(parts)
+
+
+def _package_key(model_dir: Path, served: ServedGenerator) -> str:
+    """The compiled packages' name: the weights and config as written for the child, the precision and
+    layout they serve in, the code and the machine."""
+    h = hashlib.sha256()
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        h.update((model_dir / name).read_bytes())
+    h.update(f"{served.precision}|{layout_name(served.memory_format)}|{PACKAGE_FORMAT}|".encode())
+    h.update(_code_digest().encode() + _machine_digest(served.device).encode())
+    return f"{served.name}-{h.hexdigest()[:24]}"
+
+
+def compile_packages(
+    served: ServedGenerator, cache_dir: Path, is_current: Callable[[], bool] = lambda: True
+) -> tuple[Path, Path, bool]:
+    """(batch-1 package, batched package, whether they came from ``cache_dir``) of ``served``'s decoder:
+    compiled by a child process (:mod:`server.compile_worker`, which lowers its own CPU priority), unless a
+    previous run left them. Raises ``RuntimeError`` with the child's last words when it fails, and stops
+    it when ``is_current()`` turns false (the registry was replaced by a reload)."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="decoder-", dir=cache_dir) as tmp:
+        model_dir = Path(tmp) / "model"
+        save_pretrained(model_dir, served.net, architecture=served.info.architecture, name=served.name)
+        prefix = cache_dir / _package_key(model_dir, served)
+        single, batched = Path(f"{prefix}-b1.pt2"), Path(f"{prefix}-batched.pt2")
+        if single.is_file() and batched.is_file():
+            for path in (single, batched):
+                path.touch()  # recently used: kept by _prune
+            return single, batched, True
+        log_path = Path(tmp) / "worker.log"
+        cmd = [
+            sys.executable,
+            "-m",
+            "server.compile_worker",
+            str(model_dir),
+            str(prefix),
+            "--device",
+            str(served.device),
+            "--precision",
+            served.precision,
+            "--layout",
+            layout_name(served.memory_format),
+        ]
+        env = dict(
+            os.environ,
+            OMP_NUM_THREADS="1",
+            PYTHONPATH=os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")])),
+        )
+        with log_path.open("w") as log_file:
+            proc = subprocess.Popen(
+                cmd,
+                cwd=_ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+            deadline = time.monotonic() + COMPILE_TIMEOUT_S
+            while proc.poll() is None:
+                if not is_current() or time.monotonic() > deadline:
+                    proc.kill()
+                    proc.wait()
+                    raise RuntimeError("stopped: " + ("replaced by a reload" if not is_current() else "timed out"))
+                time.sleep(0.2)
+        if proc.returncode != 0:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
+            raise RuntimeError(f"compile worker exited with {proc.returncode}: " + " | ".join(tail))
+    _prune(cache_dir)
+    return single, batched, False
+
+
+def _prune(cache_dir: Path, keep: int = 12) -> None:
+    """Keep the ``keep`` most recently used packages (a package holds its model's weights)."""
+    packages = [p for p in cache_dir.glob("*.pt2") if ".partial" not in p.name]
+    packages.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in packages[keep:]:
+        with contextlib.suppress(OSError):
+            old.unlink()
+
+
+class CompiledDecoder:
+    """A decoder's two AOTInductor packages, called like ``net.decode(encoded, cond)``: batch 1 runs the
+    package specialised for it, larger batches the batched one. The packages were compiled for the
+    dtypes and memory layout ``ServedGenerator.encode`` gives; inputs are brought to them (no copy when
+    they already are), since compiled code reads its inputs with the strides it was built for."""
+
+    def __init__(
+        self,
+        single: Callable[..., Any],
+        batched: Callable[..., Any],
+        specs: list[tuple[torch.dtype, bool]],
+        cached: bool = False,
+    ) -> None:
+        self.single, self.batched, self.specs = single, batched, specs
+        self.cached = cached  # loaded from packages an earlier run compiled
+
+    def __call__(self, encoded: Encoded, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tensors = (*encoded.tensors(), cond)
+        if len(tensors) != len(self.specs):
+            raise ValueError(f"{len(tensors)} inputs for a decoder compiled for {len(self.specs)}")
+        args = [
+            t.to(dtype).contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            for t, (dtype, channels_last) in zip(tensors, self.specs, strict=True)
+        ]
+        runner = self.single if cond.shape[0] == 1 else self.batched
+        image, mask = runner(*args)
+        return image, mask
+
+
+def load_compiled(single: Path, batched: Path, cached: bool = False) -> CompiledDecoder:
+    """The packages loaded (no compiling: the native code is in them), with the inputs they were built for."""
+    from torch._inductor import aoti_load_package
+
+    from server.compile_worker import INPUTS_KEY
+
+    runners = aoti_load_package(str(single)), aoti_load_package(str(batched))
+    specs = [(getattr(torch, dtype), bool(cl)) for dtype, cl in json.loads(runners[0].get_metadata()[INPUTS_KEY])]
+    return CompiledDecoder(*runners, specs, cached)
+
+
+def check_compiled(served: ServedGenerator, compiled: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Raise ``RuntimeError`` unless ``compiled`` agrees with the eager decoder at batch 1 and 3."""
     with torch.no_grad():
         for batch, seed in ((1, 0), (3, 1)):
             x, cond = _probe(served, batch, seed)
             encoded = served.encode(x)
-            if batch > 1:
-                _mark_batch_dynamic(encoded, cond)
             with served.autocast():
                 got = compiled(encoded, cond)
                 # eager in the served precision, which a bf16 decoder is judged against (fp32: ``want``)
@@ -131,6 +275,26 @@ def build_compiled_decoder(served: ServedGenerator) -> Callable[..., tuple[torch
                 raise RuntimeError(
                     f"compiled {served.precision} decoder differs from eager fp32 at batch {batch}: {why}"
                 )
+
+
+def build_compiled_decoder(
+    served: ServedGenerator,
+    cache_dir: Path | None = None,
+    run: Callable[..., Any] = run_here,
+    is_current: Callable[[], bool] = lambda: True,
+    wait_turn: Callable[[], bool] = lambda: True,
+) -> CompiledDecoder:
+    """``served``'s decoder compiled (:func:`compile_packages`, from ``cache_dir`` when it is there),
+    loaded and checked against eager at batch 1 and 3; raises ``RuntimeError`` when they disagree.
+    ``run`` runs the check (the service's compute thread, where edits run) once ``wait_turn()`` returns
+    true (false: the registry was replaced, ``RuntimeError``)."""
+    single, batched, cached = compile_packages(served, cache_dir or default_cache_dir(), is_current)
+    # loaded here, not on the compute thread: the first load imports inductor's Python and probes the
+    # CPU's instruction sets (seconds, no torch compute), which would hold up the edits queued there
+    compiled = load_compiled(single, batched, cached)
+    if not wait_turn():
+        raise RuntimeError("stopped: replaced by a reload")
+    run(check_compiled, served, compiled)
     return compiled
 
 
@@ -153,24 +317,32 @@ def time_decoders(
     return {f"{name}_ms": round(statistics.median(ms), 2) for name, ms in times.items()}
 
 
-def compile_decoder(served: ServedGenerator, run_timed: Callable[..., Any]) -> dict[str, Any]:
+def compile_decoder(
+    served: ServedGenerator,
+    run_timed: Callable[..., Any],
+    cache_dir: Path | None = None,
+    is_current: Callable[[], bool] = lambda: True,
+    wait_turn: Callable[[], bool] = lambda: True,
+) -> dict[str, Any]:
     """Build, check and time ``served``'s compiled decoder; swap it in when it is faster. Returns the
-    report shown in ``GET /v1/models``. ``run_timed`` runs the timing trial (the service's compute
-    thread, so the trial does not race edits for the cores)."""
+    report shown in ``GET /v1/models``. ``run_timed`` runs the check and the timing trial (the service's
+    compute thread, so they do not race edits for the cores), once ``wait_turn()`` allows."""
     t0 = time.perf_counter()
     try:
-        compiled = build_compiled_decoder(served)
+        compiled = build_compiled_decoder(served, cache_dir, run_timed, is_current, wait_turn)
     except Exception as exc:  # inductor raises many kinds; any of them leaves the model eager
         log.warning("%s: decoder not compiled (%s: %s); serving eagerly", served.name, type(exc).__name__, exc)
         return {"used": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
-    report: dict[str, Any] = {"compile_s": round(time.perf_counter() - t0, 1)}
+    cached = bool(getattr(compiled, "cached", False))
+    report: dict[str, Any] = {"compile_s": round(time.perf_counter() - t0, 1), "cached": cached}
     report |= run_timed(time_decoders, served, compiled)
     report["used"] = report["compiled_ms"] < report["eager_ms"]
     if report["used"]:
         served.compiled_decode = compiled
     log.info(
-        "%s: compiled decoder in %.1f s, batch-1 decode %.1f ms (eager %.1f) -> %s",
+        "%s: compiled decoder %s in %.1f s, batch-1 decode %.1f ms (eager %.1f) -> %s",
         served.name,
+        "loaded from the cache" if cached else "built",
         report["compile_s"],
         report["compiled_ms"],
         report["eager_ms"],
@@ -198,35 +370,37 @@ def compile_in_background(
     registry: ModelRegistry,
     run_timed: Callable[..., Any],
     is_current: Callable[[], bool],
+    cache_dir: Path | None = None,
     idle: Callable[[], bool] = lambda: True,
     quiet_s: float = 2.0,
     poll_s: float = 0.2,
 ) -> threading.Thread:
-    """Compile every generator of ``registry`` one after the other in a daemon thread; stop early when
-    ``registry`` has been replaced by a reload (``is_current`` false).
+    """Compile every generator of ``registry`` one after the other from a daemon thread, which waits for
+    the child processes that compile; stop early (the running child too) when ``registry`` has been
+    replaced by a reload (``is_current`` false).
 
-    Each compile starts only once the service has been ``idle`` for ``quiet_s``: tracing and code
-    generation are Python that holds the GIL, and every small op of an edit waits for it (on the 2-core
-    EPYC, two hot reloads whose compiles ran under 8 editing clients made the slowest edit 8.2 s instead
-    of 0.6 s). Under steady load the models keep serving eagerly.
+    The compile starts at once (a child process at the lowest priority); what then runs on the compute
+    thread, the check against eager and the timing trial (about half a second per model on the 2-core
+    EPYC), waits until the service has been ``idle`` for ``quiet_s``: run at once, under 8 editing
+    clients two hot reloads (whose packages were cached) made the slowest edit 1.7 s instead of 0.3-0.5 s.
+    Under steady load the models keep serving eagerly.
     """
 
     for served in registry.generators.values():
         served.compile_report = {"used": False, "state": "queued"}
 
+    def wait_turn() -> bool:
+        return _wait_quiet(idle, quiet_s, is_current, poll_s)
+
     def work() -> None:
-        # compile at the lowest CPU priority (the C++ compiler it starts inherits it): edits first;
-        # where threads have no priority of their own (not Linux) it keeps the process's
-        with contextlib.suppress(AttributeError, OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         for served in list(registry.generators.values()):
-            if not _wait_quiet(idle, quiet_s, is_current, poll_s):
+            if not is_current():
                 for rest in registry.generators.values():
-                    if (rest.compile_report or {}).get("state") == "queued":
+                    if (rest.compile_report or {}).get("state") in ("queued", "compiling"):
                         rest.compile_report = {"used": False, "state": "skipped: replaced by a reload"}
                 return
             served.compile_report = {"used": False, "state": "compiling"}
-            served.compile_report = compile_decoder(served, run_timed)
+            served.compile_report = compile_decoder(served, run_timed, cache_dir, is_current, wait_turn)
 
     thread = threading.Thread(target=work, name="compile-decoders", daemon=True)
     thread.start()

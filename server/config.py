@@ -30,9 +30,14 @@ class Settings(BaseSettings):
     )
     compile: Literal["auto", "decoder", "off"] = Field(
         "auto",
-        description="compile the decoders with TorchInductor in the background after loading (slider moves "
+        description="compile the decoders with AOTInductor in a child process after loading (slider moves "
         "about 1.5x faster on a 2-core EPYC); auto: on a CPU with a C++ compiler; a compiled decoder is used "
         "only once it matches the eager one and is faster",
+    )
+    compile_cache_dir: Path | None = Field(
+        None,
+        description="where compiled decoders are kept for the next start or reload with the same weights "
+        "(default: $XDG_CACHE_HOME or ~/.cache, then face-attribute-editor/decoders)",
     )
     max_upload_bytes: int = Field(15 * 1024 * 1024, description="larger uploads get 413")
     max_pixels: int = Field(40_000_000, description="larger images get 413 (decompression-bomb limit)")

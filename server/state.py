@@ -105,7 +105,7 @@ class AppState:
             def idle() -> bool:
                 return queue.in_flight + queue.waiting == 0
 
-            compile_in_background(new, self.compute.run, lambda: self.registry is new, idle)
+            compile_in_background(new, self.compute.run, lambda: self.registry is new, s.compile_cache_dir, idle)
         return new
 
 

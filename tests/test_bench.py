@@ -159,7 +159,7 @@ def test_the_cuda_bench_times_the_servers_compiled_decoder_of_each_model(
 
     built: list[str] = []
 
-    def eager_stand_in(served: Any) -> Any:  # the compile itself is tested in test_compiled.py
+    def eager_stand_in(served: Any, *args: Any) -> Any:  # the compile itself is tested in test_compiled.py
         built.append(served.name)
         return served.net.decode
 

@@ -25,6 +25,18 @@ def test_app_service_serves_with_read_only_weights_healthcheck_and_limits() -> N
     assert app["environment"]["FACE_EDITOR_WEIGHTS_DIR"] == "/app/weights"
 
 
+def test_compiled_decoders_are_kept_in_a_writable_volume() -> None:
+    """The root file system is read-only: the compile cache (server/compiled.py) needs a volume of its own."""
+    compose = _compose()
+    for service in compose["services"].values():
+        cache = service["environment"]["FACE_EDITOR_COMPILE_CACHE_DIR"]
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in service["volumes"]}
+        assert cache in mounts and mounts[cache] in compose["volumes"]  # a named volume, not the read-only root
+    text = (ROOT / "Dockerfile").read_text()
+    assert "FACE_EDITOR_COMPILE_CACHE_DIR=/cache/decoders" in text
+    assert "chown editor /app/weights /cache/decoders" in text
+
+
 def test_gpu_profile_reserves_an_nvidia_device_and_uses_cuda() -> None:
     gpu = _compose()["services"]["app-gpu"]
     assert gpu["profiles"] == ["gpu"]
