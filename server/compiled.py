@@ -140,12 +140,14 @@ def _machine_digest(device: torch.device) -> str:
 
 
 def _package_key(model_dir: Path, served: ServedGenerator) -> str:
-    """The compiled packages' name: the weights and config as written for the child, the precision and
-    layout they serve in, the code and the machine."""
+    """The compiled packages' name: the weights and config as written for the child, the precision,
+    layout and threads they serve with, the code and the machine."""
     h = hashlib.sha256()
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         h.update((model_dir / name).read_bytes())
-    h.update(f"{served.precision}|{layout_name(served.memory_format)}|{PACKAGE_FORMAT}|".encode())
+    # inductor writes the thread count into its C++ kernels (``#pragma omp parallel num_threads``)
+    h.update(f"{served.precision}|{layout_name(served.memory_format)}|{torch.get_num_threads()}|".encode())
+    h.update(f"{PACKAGE_FORMAT}|".encode())
     h.update(_code_digest().encode() + _machine_digest(served.device).encode())
     return f"{served.name}-{h.hexdigest()[:24]}"
 
@@ -180,10 +182,12 @@ def compile_packages(
             served.precision,
             "--layout",
             layout_name(served.memory_format),
+            "--threads",
+            str(torch.get_num_threads()),
         ]
         env = dict(
             os.environ,
-            OMP_NUM_THREADS="1",
+            OMP_NUM_THREADS=str(torch.get_num_threads()),
             PYTHONPATH=os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")])),
         )
         with log_path.open("w") as log_file:
