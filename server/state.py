@@ -50,12 +50,18 @@ class AppState:
             return self._detector
 
     def warm_up(self) -> None:
-        """Load MTCNN and run it once, on the compute thread, so the first user does not pay for it."""
+        """Load MTCNN and run it on a portrait and a landscape photo of the size it detects at, on the compute
+        thread, so the first user does not pay for it: oneDNN builds its kernels for the image pyramid's shapes
+        on first use (portrait-1 detected 317 ms the first time and 91 ms the second in a fresh process on the
+        2-core EPYC; 102 ms after this warm-up, which took 154 ms)."""
 
         def run() -> None:
             import numpy as np
 
-            self.detector().detect(np.zeros((96, 96, 3), np.uint8))
+            side = self.settings.detect_max_side
+            noise = np.random.default_rng(0).integers(0, 256, (side, side * 3 // 4, 3), dtype=np.uint8)
+            for photo in (noise, noise.transpose(1, 0, 2)):
+                self.detector().detect(np.ascontiguousarray(photo))
 
         self.compute.run(run)
 

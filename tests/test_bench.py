@@ -121,7 +121,13 @@ def test_the_cuda_bench_measures_every_part_and_compares_with_the_cpu(tmp_path: 
         ["group-six-faces.jpg", "again (cache hit)"],
     ]
     assert "detect" in photos[0][4] and "detect" not in photos[1][4]  # the second request hit the cache
-    assert "group-six-faces.jpg: 6 faces (CPU 6), largest pixel difference 0" in doc
+    # the whole photo against the CPU's edit: identical, unless one of the two services' precision trials
+    # chose bf16 (a CPU with bf16 units; the tiny model's speed-up is noise), then within bf16's tolerance
+    from models.precision import cpu_has_bf16_units
+
+    photo = re.search(r"group-six-faces\.jpg: 6 faces \(CPU 6\), largest pixel difference (\d+)", doc)
+    assert photo is not None
+    assert int(photo[1]) <= (12 if cpu_has_bf16_units() else 0)
     training = table_rows(doc, "#### Training step on the device")
     from bench.gpu import precisions_for
 

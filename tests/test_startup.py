@@ -319,3 +319,20 @@ def test_decoders_that_will_be_compiled_load_in_channels_last_without_a_layout_t
         assert served.memory_format == torch.channels_last and trials == []
     finally:
         state.compute.close()
+
+
+def test_the_warm_up_detects_on_photo_sized_images_of_both_orientations(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """oneDNN builds its kernels for the detector's image pyramid on first use: a warm-up on a tiny image
+    left that to the first user's photo."""
+    from server.faces import FaceDetector
+
+    shapes: list[tuple[int, ...]] = []
+    monkeypatch.setattr(FaceDetector, "detect", lambda self, photo: shapes.append(photo.shape) or [])
+    state = AppState(Settings(weights_dir=tmp_path, compile="off", detect_max_side=320), torch.device("cpu"))
+    try:
+        state.warm_up()
+    finally:
+        state.compute.close()
+    assert sorted(shapes) == [(240, 320, 3), (320, 240, 3)]
