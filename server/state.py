@@ -50,7 +50,8 @@ class AppState:
             return self._detector
 
     def warm_up(self) -> None:
-        """Load MTCNN and run it on a portrait and a landscape photo of the size it detects at, on the compute
+        """Load MTCNN and run it on a portrait and a landscape photo of the size it detects at, and fit one
+        alignment transform, on the compute
         thread, so the first user does not pay for it: oneDNN builds its kernels for the image pyramid's shapes
         on first use (portrait-1 detected 317 ms the first time and 91 ms the second in a fresh process on the
         2-core EPYC; 102 ms after this warm-up, which took 154 ms)."""
@@ -58,10 +59,16 @@ class AppState:
         def run() -> None:
             import numpy as np
 
+            from server.faces import similarity_transform
+
             side = self.settings.detect_max_side
             noise = np.random.default_rng(0).integers(0, 256, (side, side * 3 // 4, 3), dtype=np.uint8)
             for photo in (noise, noise.transpose(1, 0, 2)):
                 self.detector().detect(np.ascontiguousarray(photo))
+            # the alignment's first use imports scikit-image's transforms (0.3 s alone, seconds while the
+            # start-up's other background work holds the GIL): py-spy caught a first edit waiting in it
+            points = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.5, 0.7]])
+            similarity_transform(points, points * 2 + 1)
 
         self.compute.run(run)
 

@@ -325,14 +325,18 @@ def test_the_warm_up_detects_on_photo_sized_images_of_both_orientations(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """oneDNN builds its kernels for the detector's image pyramid on first use: a warm-up on a tiny image
-    left that to the first user's photo."""
+    left that to the first user's photo, and the alignment's first use imported scikit-image."""
+    import sys
+
     from server.faces import FaceDetector
 
     shapes: list[tuple[int, ...]] = []
     monkeypatch.setattr(FaceDetector, "detect", lambda self, photo: shapes.append(photo.shape) or [])
+    monkeypatch.delitem(sys.modules, "skimage.transform", raising=False)
     state = AppState(Settings(weights_dir=tmp_path, compile="off", detect_max_side=320), torch.device("cpu"))
     try:
         state.warm_up()
     finally:
         state.compute.close()
     assert sorted(shapes) == [(240, 320, 3), (320, 240, 3)]
+    assert "skimage.transform" in sys.modules  # the alignment's import, done before the first edit needs it
