@@ -26,6 +26,11 @@ class LazyASGI:
         self._lock = asyncio.Lock()
         self._stack = contextlib.AsyncExitStack()
 
+    @property
+    def building(self) -> bool:
+        """Whether the build has started (it may still be running)."""
+        return self._app is not None or self._lock.locked()
+
     async def ready(self) -> Any:
         if self._app is None:
             async with self._lock:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -50,6 +51,21 @@ class UploadLimit:
         await self.app(scope, receive, send)
 
 
+async def wait_quiet(idle: Callable[[], bool], quiet_s: float = 2.0, poll_s: float = 0.2) -> None:
+    """Return once ``idle()`` has held for ``quiet_s`` without a break."""
+    loop = asyncio.get_running_loop()
+    quiet_since: float | None = None
+    while True:
+        now = loop.time()
+        if not idle():
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = now
+        elif now - quiet_since >= quiet_s:
+            return
+        await asyncio.sleep(poll_s)
+
+
 def create_app(settings: Settings | None = None, load_models: bool = True) -> FastAPI:
     settings = settings or get_settings()
     state = create_state(settings)
@@ -65,6 +81,9 @@ def create_app(settings: Settings | None = None, load_models: bool = True) -> Fa
 
             async def build_gradio_when_loaded() -> None:
                 await loading  # the models first: /readyz matters more than the demo page
+                # then a quiet moment: importing Gradio holds the GIL for seconds, and the first edits after a
+                # start waited for it (py-spy, 2-core EPYC: the README call 1.3-2.7 s 2 s after /readyz)
+                await wait_quiet(lambda: state.service.admission.in_flight + state.service.admission.waiting == 0)
                 await app.state.gradio.ready()
 
             warm_gradio = asyncio.get_running_loop().create_task(build_gradio_when_loaded())
@@ -74,7 +93,10 @@ def create_app(settings: Settings | None = None, load_models: bool = True) -> Fa
         if loading is not None:
             await loading
         if warm_gradio is not None:
-            await warm_gradio
+            if not app.state.gradio.building:  # still waiting for a quiet moment: not needed any more
+                warm_gradio.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await warm_gradio
         await app.state.gradio.aclose()
 
     app = FastAPI(

@@ -340,3 +340,20 @@ def test_the_warm_up_detects_on_photo_sized_images_of_both_orientations(
         state.compute.close()
     assert sorted(shapes) == [(240, 320, 3), (320, 240, 3)]
     assert "skimage.transform" in sys.modules  # the alignment's import, done before the first edit needs it
+
+
+def test_the_demo_page_is_built_after_a_quiet_moment() -> None:
+    """Importing Gradio holds the GIL for seconds: the start-up builds the demo page once no edit has been in
+    flight for a while, not while the first edits after a start run."""
+    import time
+
+    from server.app import wait_quiet
+
+    busy_until = time.monotonic() + 0.3
+
+    async def main() -> float:
+        t0 = time.monotonic()
+        await wait_quiet(lambda: time.monotonic() >= busy_until, quiet_s=0.2, poll_s=0.01)
+        return time.monotonic() - t0
+
+    assert asyncio.run(main()) >= 0.5  # 0.3 s busy, then 0.2 s quiet
