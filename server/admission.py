@@ -3,8 +3,28 @@
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 
 from server.errors import BusyError
+
+
+class QuietTimer:
+    """Says whether ``idle()`` has held for ``quiet_s`` without a break, as seen by the calls to :meth:`quiet`:
+    work that would slow edits down (a compile's check, building the demo page) waits for a quiet moment."""
+
+    def __init__(self, idle: Callable[[], bool], quiet_s: float) -> None:
+        self.idle, self.quiet_s = idle, quiet_s
+        self._since: float | None = None
+
+    def quiet(self) -> bool:
+        now = time.monotonic()
+        if not self.idle():
+            self._since = None
+            return False
+        if self._since is None:
+            self._since = now
+        return now - self._since >= self.quiet_s
 
 
 class Admission:
@@ -25,6 +45,10 @@ class Admission:
         self.in_flight = 0
         self.waiting = 0
         self._lock = threading.Lock()
+
+    def idle(self) -> bool:
+        """No edit running or waiting."""
+        return self.in_flight + self.waiting == 0
 
     def __enter__(self) -> Admission:
         if not self._admitted.acquire(blocking=False):

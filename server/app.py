@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from frontend.lazy import LazyASGI
+from server.admission import QuietTimer
 from server.api.errors import install_error_handlers
 from server.api.routes import edit, health, models
 from server.config import Settings, get_settings
@@ -53,16 +54,8 @@ class UploadLimit:
 
 async def wait_quiet(idle: Callable[[], bool], quiet_s: float = 2.0, poll_s: float = 0.2) -> None:
     """Return once ``idle()`` has held for ``quiet_s`` without a break."""
-    loop = asyncio.get_running_loop()
-    quiet_since: float | None = None
-    while True:
-        now = loop.time()
-        if not idle():
-            quiet_since = None
-        elif quiet_since is None:
-            quiet_since = now
-        elif now - quiet_since >= quiet_s:
-            return
+    timer = QuietTimer(idle, quiet_s)
+    while not timer.quiet():
         await asyncio.sleep(poll_s)
 
 
@@ -83,7 +76,7 @@ def create_app(settings: Settings | None = None, load_models: bool = True) -> Fa
                 await loading  # the models first: /readyz matters more than the demo page
                 # then a quiet moment: importing Gradio holds the GIL for seconds, and the first edits after a
                 # start waited for it (py-spy, 2-core EPYC: the README call 1.3-2.7 s 2 s after /readyz)
-                await wait_quiet(lambda: state.service.admission.in_flight + state.service.admission.waiting == 0)
+                await wait_quiet(state.service.admission.idle)
                 await app.state.gradio.ready()
 
             warm_gradio = asyncio.get_running_loop().create_task(build_gradio_when_loaded())

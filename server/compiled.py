@@ -40,6 +40,7 @@ import torch
 
 from models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save_pretrained
 from models.generators import Encoded
+from server.admission import QuietTimer
 from server.served_models import ModelRegistry, ServedGenerator, layout_name, run_here
 
 log = logging.getLogger(__name__)
@@ -357,14 +358,9 @@ def compile_decoder(
 
 def _wait_quiet(idle: Callable[[], bool], quiet_s: float, is_current: Callable[[], bool], poll_s: float) -> bool:
     """Block until ``idle()`` has held for ``quiet_s`` without a break; False if the registry was replaced."""
-    quiet_since = None
+    timer = QuietTimer(idle, quiet_s)
     while is_current():
-        now = time.monotonic()
-        if not idle():
-            quiet_since = None
-        elif quiet_since is None:
-            quiet_since = now
-        elif now - quiet_since >= quiet_s:
+        if timer.quiet():
             return True
         time.sleep(poll_s)
     return False

@@ -113,11 +113,7 @@ class AppState:
         old.close()  # its batchers finish what is queued, then their threads end
         self.service.cache.clear()
         if compiling and new.generators:
-            queue = self.service.admission
-
-            def idle() -> bool:
-                return queue.in_flight + queue.waiting == 0
-
+            idle = self.service.admission.idle
             compile_in_background(new, self.compute.run, lambda: self.registry is new, s.compile_cache_dir, idle)
         return new
 
