@@ -241,8 +241,6 @@ class CompiledDecoder:
 
     def __call__(self, encoded: Encoded, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tensors = (*encoded.tensors(), cond)
-        if len(tensors) != len(self.specs):
-            raise ValueError(f"{len(tensors)} inputs for a decoder compiled for {len(self.specs)}")
         args = [
             t.to(dtype).contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
             for t, (dtype, channels_last) in zip(tensors, self.specs, strict=True)

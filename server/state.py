@@ -51,10 +51,9 @@ class AppState:
 
     def warm_up(self) -> None:
         """Load MTCNN and run it on a portrait and a landscape photo of the size it detects at, and fit one
-        alignment transform, on the compute
-        thread, so the first user does not pay for it: oneDNN builds its kernels for the image pyramid's shapes
-        on first use (portrait-1 detected 317 ms the first time and 91 ms the second in a fresh process on the
-        2-core EPYC; 102 ms after this warm-up, which took 154 ms)."""
+        alignment transform, on the compute thread, so the first user does not pay for it: oneDNN builds its
+        kernels for the image pyramid's shapes on first use (portrait-1 detected 317 ms the first time and 91 ms
+        the second in a fresh process on the 2-core EPYC; 102 ms after this warm-up, which took 154 ms)."""
 
         def run() -> None:
             import numpy as np

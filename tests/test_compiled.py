@@ -300,9 +300,10 @@ def test_bf16_edits_go_on_while_the_decoder_compiles_in_the_background(tmp_path:
     """Under bf16 autocast the casts of weights that require grad are kept in autocast's process-wide cache: an
     edit leaving autocast cleared it holding its mutex and waited for the GIL to free the casts' autograd nodes,
     while a compiling thread held the GIL and waited for the mutex, and the server hung (EPYC with avx512-bf16,
-    real models, 4 clients). Served networks are frozen, so no cast is cached: the assertions on requires_grad
-    catch a regression; the child process runs the scenario, which with these tiny models finished 3 of 3
-    times even before the fix (the window is short), so it guards the path, not the race."""
+    real models, 4 clients). The compile now runs in a child process, but the thread still loads its packages and
+    decodes eagerly under autocast for the check. Served networks are frozen, so no cast is cached: the assertions
+    on requires_grad catch a regression; the child process runs the scenario, which with these tiny models
+    finished 3 of 3 times even before the fix (the window is short), so it guards the path, not the race."""
     import subprocess
     import sys
 
