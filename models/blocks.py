@@ -70,6 +70,11 @@ def replicate_pad1(x: torch.Tensor) -> torch.Tensor:
     the pad and back for the next conv, forward and backward (a pad only copies values, so the round trip
     changed nothing). In a bf16 STGAN-cpu training step on the 2-core EPYC with avx512-bf16 those casts and
     the fp32 pad's backward took about 300 ms of 1.56 s (torch.profiler, one step)."""
+    if tracing() and torch.is_grad_enabled():
+        # compiled for training (training.trainer): inductor could not lower replication_pad2d_backward
+        # (its strides); as concatenations it lowers the pad and its gradient (the same values)
+        x = torch.cat([x[:, :, :1], x, x[:, :, -1:]], dim=2)
+        return torch.cat([x[:, :, :, :1], x, x[:, :, :, -1:]], dim=3)
     with torch.autocast(x.device.type, enabled=False):
         return F.pad(x, (1, 1, 1, 1), mode="replicate")
 

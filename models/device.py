@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 from pathlib import Path
 
 import torch
@@ -14,6 +15,11 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def has_cxx_compiler() -> bool:
+    """Inductor's CPU backend writes C++ and builds it with the compiler in ``$CXX`` (default ``c++``)."""
+    return any(shutil.which(c) for c in (os.environ.get("CXX", "c++"), "g++", "clang++") if c)
 
 
 def machine_description() -> str:

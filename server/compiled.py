@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from typing import Any
 import torch
 
 from models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save_pretrained
+from models.device import has_cxx_compiler
 from models.generators import Encoded
 from server.admission import QuietTimer
 from server.served_models import ModelRegistry, ServedGenerator, layout_name, run_here
@@ -47,11 +47,6 @@ log = logging.getLogger(__name__)
 
 #: Largest |compiled - eager| accepted in the decoder's output image and mask (values in [-1, 1]).
 TOLERANCE = 1e-3
-
-
-def has_cxx_compiler() -> bool:
-    """Inductor's CPU backend writes C++ and builds it with the compiler in ``$CXX`` (default ``c++``)."""
-    return any(shutil.which(c) for c in (os.environ.get("CXX", "c++"), "g++", "clang++") if c)
 
 
 def should_compile(mode: str, device: torch.device) -> bool:

@@ -15,6 +15,7 @@ from skimage.metrics import peak_signal_noise_ratio
 
 from models.attributes import STGAN_ATTRIBUTES, condition_vector
 from models.checkpoint import CheckpointError, load_pretrained
+from models.device import has_cxx_compiler
 from training.checkpoints import ema_generator_from_checkpoint, read_training_checkpoint
 from training.cli import main as cli
 from training.config import TrainConfig
@@ -1055,3 +1056,84 @@ def test_the_generator_pass_computes_the_stu_encoder_terms_once_for_edit_and_rec
     for k, grad in got_grads.items():
         torch.testing.assert_close(grad, want_grads[k], atol=1e-5, rtol=1e-4, msg=k)
     assert got_flops < 0.95 * want_flops
+
+
+def test_auto_compiles_the_generator_pass_only_for_a_large_generator_on_a_cpu_with_a_compiler(
+    prepared_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import training.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "has_cxx_compiler", lambda: True)
+    tiny = Trainer(tiny_config(prepared_cache, tmp_path), tmp_path / "tiny")
+    assert sum(p.numel() for p in tiny.G.parameters()) < 1_000_000
+    assert not tiny.should_compile_generator()
+    wide = {"base_channels": 128, "max_channels": 512}
+    large = Trainer(tiny_config(prepared_cache, tmp_path, generator_overrides=wide), tmp_path / "large")
+    assert sum(p.numel() for p in large.G.parameters()) >= 1_000_000
+    assert large.should_compile_generator()
+    monkeypatch.setattr(trainer_module, "has_cxx_compiler", lambda: False)
+    assert not large.should_compile_generator()
+    on = Trainer(tiny_config(prepared_cache, tmp_path, compile_generator="on"), tmp_path / "on")
+    assert on.should_compile_generator()
+    with pytest.raises(ValueError, match="compile_generator"):
+        tiny_config(prepared_cache, tmp_path, compile_generator="yes")
+
+
+def test_a_failing_compile_leaves_training_eager(
+    prepared_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken_compile(fn: object, **_: object) -> object:
+        def run(*args: object) -> object:
+            raise RuntimeError("no C++ compiler after all")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    cfg = tiny_config(prepared_cache, tmp_path, compile_generator="on", precision="fp32")
+    failing, eager = (
+        Trainer(cfg, tmp_path / "a"),
+        Trainer(dataclasses.replace(cfg, compile_generator="off"), tmp_path / "b"),
+    )
+    eager.G.load_state_dict(failing.G.state_dict())
+    eager.D.load_state_dict(failing.D.state_dict())
+    failing.train_step()
+    eager.train_step()
+    assert failing._compiled_pass is False
+    assert "stays eager" in caplog.text and "no C++ compiler after all" in caplog.text
+    for p, q in zip(failing.G.parameters(), eager.G.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.slow  # inductor compiles two tiny generators: about a minute with an empty cache
+@pytest.mark.skipif(not has_cxx_compiler(), reason="inductor's CPU backend needs a C++ compiler")
+@pytest.mark.parametrize("preset", ["stgan-tiny", "mugan-tiny"])
+def test_a_compiled_generator_pass_computes_the_eager_one(prepared_cache: Path, tmp_path: Path, preset: str) -> None:
+    cfg = tiny_config(prepared_cache, tmp_path, preset=preset, compile_generator="on", precision="fp32")
+    compiled, eager = (
+        Trainer(cfg, tmp_path / "a"),
+        Trainer(dataclasses.replace(cfg, compile_generator="off"), tmp_path / "b"),
+    )
+    eager.G.load_state_dict(compiled.G.state_dict())
+    gen = torch.Generator().manual_seed(0)
+    x_real, c_src, c_trg = compiled._batch(0, gen)
+    cond, cond_rec = compiled._conditions(c_src, c_trg, gen)
+    grads = {}
+    for name, trainer in (("compiled", compiled), ("eager", eager)):
+        g_pass = trainer.generator_pass(x_real, cond, cond_rec)
+        outputs = [g_pass.x_fake, g_pass.mask_fake, g_pass.x_rec_raw, g_pass.mask_rec]
+        loss = sum((t * torch.linspace(-1, 1, t.numel()).view_as(t)).mean() for t in outputs if t is not None)
+        grads[name] = torch.autograd.grad(loss, list(trainer.G.parameters()), allow_unused=True)
+        grads[name + " outputs"] = outputs
+    assert compiled._compiled_pass and eager._compiled_pass is False  # compiled, not fallen back to eager
+    for a, b in zip(grads["compiled outputs"], grads["eager outputs"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for (name, _), a, b in zip(compiled.G.named_parameters(), grads["compiled"], grads["eager"], strict=True):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6, msg=f"gradient of {name}")
+    # the trial pass that compiled at the first call left G's BatchNorm statistics as they were: both
+    # generators have taken one training-mode pass
+    for (name, a), b in zip(compiled.G.named_buffers(), eager.G.buffers(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    compiled.train_step()  # a whole step (D's update, G's loss and backward) with the compiled pass
+    assert compiled.step == 1

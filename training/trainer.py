@@ -14,9 +14,9 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -34,6 +34,7 @@ from models.checkpoint import (
     read_tensors,
 )
 from models.config import config_to_dict
+from models.device import has_cxx_compiler
 from models.generators import convert_upsampling, grow_state_dict, widen_state_dict
 from models.precision import autocast, describe_cpu_bf16, resolve_precision
 from training import distributed, losses
@@ -105,6 +106,8 @@ class Trainer:
         self.best_metrics: dict[str, Any] = {}
         self.batchnorm_frozen = False  # cfg.freeze_batchnorm: set once the statistics are fixed
         self.classifier, self.classifier_attributes = self._load_classifier()
+        #: The compiled generator pass (:meth:`generator_pass`): None until the first step decides, False: eager.
+        self._compiled_pass: Callable[..., tuple[torch.Tensor | None, ...]] | Literal[False] | None = None
         self.writer = None
         self._realism_inputs: Any = None  # training.realism.RealismInputs, built at the first probe
 
@@ -200,7 +203,7 @@ class Trainer:
 
         # ---- the generator runs once: D learns from its edit detached, G's loss reads the same pass
         # after D's update. With n_critic > 1 the earlier critic steps draw their own no-grad edits.
-        g_pass = losses.generator_pass(self.G, x_real, cond, cond_rec, self._autocast, cfg.joint_decode)
+        g_pass = self.generator_pass(x_real, cond, cond_rec)
 
         # ---- discriminator
         self.D.requires_grad_(True)
@@ -253,6 +256,57 @@ class Trainer:
         self.step += 1
         self.images_seen += cfg.batch_size
         return logs
+
+    def generator_pass(self, x_real: torch.Tensor, cond: torch.Tensor, cond_rec: torch.Tensor) -> losses.GeneratorPass:
+        """:func:`losses.generator_pass` of G, compiled with ``torch.compile`` where ``compile_generator``
+        says so (decided, compiled and tried at the first call)."""
+        if self._compiled_pass is None:
+            self._compiled_pass = self._compile_generator_pass(x_real, cond, cond_rec) or False
+        if self._compiled_pass:
+            return losses.GeneratorPass(*self._compiled_pass(x_real, cond, cond_rec))
+        return losses.generator_pass(self.G, x_real, cond, cond_rec, self._autocast, self.cfg.joint_decode)
+
+    def should_compile_generator(self) -> bool:
+        """``compile_generator``: "on", "off", or "auto": on a CPU with a C++ compiler (inductor's CPU
+        backend), for a generator of a million parameters or more (a tiny one trains a step in
+        milliseconds, less than compiling would ever save), in a one-process run (the distributed batch
+        norm's collectives are not measured compiled)."""
+        mode = self.cfg.compile_generator
+        if mode != "auto":
+            return mode == "on"
+        n_params = sum(p.numel() for p in self.G.parameters())
+        return self.device.type == "cpu" and has_cxx_compiler() and n_params >= 1_000_000 and self.world_size == 1
+
+    def _compile_generator_pass(
+        self, x_real: torch.Tensor, cond: torch.Tensor, cond_rec: torch.Tensor
+    ) -> Callable[..., tuple[torch.Tensor | None, ...]] | None:
+        """The compiled pass, compiled now by one forward and backward on this batch (G's BatchNorm
+        statistics restored afterwards, no gradient kept), or None: not asked for, or it failed."""
+        if not self.should_compile_generator():
+            return None
+        generator, autocast, joint = self.G, self._autocast, self.cfg.joint_decode
+
+        def run(x_real: torch.Tensor, cond: torch.Tensor, cond_rec: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+            g_pass = losses.generator_pass(generator, x_real, cond, cond_rec, autocast, joint)
+            return g_pass.x_fake, g_pass.mask_fake, g_pass.x_rec_raw, g_pass.mask_rec
+
+        compiled = torch.compile(run, dynamic=False)
+        buffers = [b.clone() for b in generator.buffers()]
+        started = time.perf_counter()
+        log.info("compiling the generator pass (torch.compile, inductor; a minute or two the first time)")
+        try:
+            outputs = [t for t in compiled(x_real, cond, cond_rec) if t is not None]
+            params = [p for p in generator.parameters() if p.requires_grad]
+            torch.autograd.grad(sum(t.float().mean() for t in outputs), params, allow_unused=True)
+        except Exception as exc:  # any failure of the compiler leaves training eager, not stopped
+            log.warning("the generator pass stays eager: torch.compile failed (%s: %s)", type(exc).__name__, exc)
+            return None
+        finally:
+            with torch.no_grad():
+                for buffer, saved in zip(generator.buffers(), buffers, strict=True):
+                    buffer.copy_(saved)
+        log.info("generator pass compiled in %.0f s", time.perf_counter() - started)
+        return compiled
 
     @torch.no_grad()
     def _update_ema(self) -> None:
