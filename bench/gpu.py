@@ -366,6 +366,9 @@ def training_section(
                         eval_every=10**9,
                         sample_every=10**9,
                         classifier=str(Path(tmp) / "none"),
+                        # on a CPU (a smoke run) without the generator pass's compile, minutes with an
+                        # empty inductor cache; bench/train_ab.py times the CPU's training with it
+                        compile_generator="auto" if device.type == "cuda" else "off",
                         **overrides,
                     )
                     trainer = Trainer(cfg, Path(tmp) / f"run-{preset}-{batch}-{precision}")
