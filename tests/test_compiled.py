@@ -9,13 +9,13 @@ from typing import Any
 import pytest
 import torch
 
+from models.device import has_cxx_compiler
 from server.compiled import (
     build_compiled_decoder,
     check_compiled,
     compile_decoder,
     compile_in_background,
     compile_packages,
-    has_cxx_compiler,
     should_compile,
     time_decoders,
 )
