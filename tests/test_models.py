@@ -308,6 +308,72 @@ def test_a_resize_conv_takes_the_condition_as_a_bias() -> None:
         layer(x, c[:, :2])
 
 
+@pytest.mark.parametrize("with_condition", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_wide_resize_conv_takes_its_kernel_gradient_by_phases(
+    with_condition: bool, channels_last: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From PHASE_GRAD_MIN_OUT_CHANNELS output channels a CPU resize conv's backward takes the 4×4 kernel's
+    gradient as four stride-1 phase gradients: the output and every gradient are those of the literal
+    resize + 3×3 conv (odd, unequal sizes, so a phase or tap placed wrongly shows)."""
+    import models.blocks
+    from models.blocks import PHASE_GRAD_MIN_OUT_CHANNELS, ResizeConv, cat_condition
+
+    calls = []
+    phase_grad = models.blocks._phase_weight_grad
+    monkeypatch.setattr(models.blocks, "_phase_weight_grad", lambda *a: calls.append(1) or phase_grad(*a))
+    torch.manual_seed(0)
+    n_cond = 3 if with_condition else 0
+    layer = ResizeConv(5 + n_cond, PHASE_GRAD_MIN_OUT_CHANNELS)
+    x = torch.randn(2, 5, 7, 4)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    c = torch.randn(2, n_cond, requires_grad=True)
+    got = layer(x, c) if with_condition else layer(x)
+    want = layer.reference_forward(cat_condition(x, c) if with_condition else x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    inputs = (x, layer.weight, layer.bias) + ((c,) if with_condition else ())
+    grad_out = torch.randn_like(want)
+    got_grads = torch.autograd.grad(got, inputs, grad_out)
+    want_grads = torch.autograd.grad(want, inputs, grad_out)
+    assert calls, "the phase gradient was not used"
+    for name, g, w in zip(("x", "weight", "bias", "c"), got_grads, want_grads, strict=False):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4, msg=f"gradient of {name}")
+    calls.clear()
+    narrow = ResizeConv(5, PHASE_GRAD_MIN_OUT_CHANNELS - 1)
+    torch.autograd.grad(narrow(x).sum(), narrow.weight)
+    assert not calls, "a narrow layer keeps autograd's gradient"
+
+
+def test_the_phase_gradient_passes_gradcheck_and_follows_bf16_autocast() -> None:
+    from models.blocks import _PhaseGradTransposedConv, resize_transposed_conv
+
+    gen = torch.Generator().manual_seed(0)
+    x_pad, kernel, bias = (
+        torch.randn(shape, dtype=torch.double, generator=gen, requires_grad=True)
+        for shape in ((2, 3, 5, 6), (3, 2, 4, 4), (2,))
+    )
+    assert torch.autograd.gradcheck(_PhaseGradTransposedConv.apply, (x_pad, kernel, bias))
+    # under autocast it runs in bf16, as the conv it replaces does, with the same gradients
+    x_pad = torch.randn(4, 16, 6, 7, generator=gen).contiguous(memory_format=torch.channels_last).requires_grad_()
+    kernel = (0.1 * torch.randn(16, 40, 4, 4, generator=gen)).requires_grad_()
+    with torch.autocast("cpu", torch.bfloat16):
+        got = resize_transposed_conv(x_pad, kernel, None)
+        want = torch.nn.functional.conv_transpose2d(x_pad, kernel, None, stride=2, padding=3)
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    grad_out = torch.randn(got.shape, generator=gen)
+    for g, w in zip(
+        torch.autograd.grad(got, (x_pad, kernel), grad_out),
+        torch.autograd.grad(want, (x_pad, kernel), grad_out),
+        strict=True,
+    ):
+        assert g.dtype == w.dtype == torch.float32
+        torch.testing.assert_close(g, w, atol=0.02 * float(w.abs().max()), rtol=0)
+
+
 @pytest.mark.parametrize(
     ("preset", "changes", "fewer_flops"),
     [
