@@ -79,48 +79,33 @@ def replicate_pad1(x: torch.Tensor) -> torch.Tensor:
         return F.pad(x, (1, 1, 1, 1), mode="replicate")
 
 
-#: Output channels from which :func:`resize_transposed_conv` takes the kernel's gradient by phases on a
-#: CPU (below it oneDNN's own weight gradient was as fast or faster: 4 and 16 output channels).
-PHASE_GRAD_MIN_OUT_CHANNELS = 32
+def _kernel_grad_uncropped(grad_out: torch.Tensor, x_pad: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``kernel`` in ``conv_transpose2d(x_pad, kernel, stride=2, padding=3)``.
+
+    A transposed conv's padding crops its output: at padding 3 the output is that of padding 1 without its
+    two outer rows and columns on each side, so the kernel's gradient is that of the padding-1 conv with the
+    output gradient zero-padded by 2. oneDNN took the padding-1 form's weight gradient at 1.5–2.6× the
+    speed of the padding-3 one at the CPU presets' decoder shapes (bf16 on a Xeon with AMX, batch 32: 17
+    against 38 ms at 128 -> 64 channels and a 64×64 output; fp32 1.0–1.7×), where the padding-3 one ran at
+    a seventh of its forward's speed; the input gradient stays at padding 3, the faster form for it."""
+    return torch.ops.aten.convolution_backward(
+        F.pad(grad_out, (2, 2, 2, 2)),
+        x_pad,
+        kernel,
+        None,
+        [2, 2],
+        [1, 1],
+        [1, 1],
+        True,
+        [0, 0],
+        1,
+        [False, True, False],
+    )[1]
 
 
-def _phase_weight_grad(grad_out: torch.Tensor, x_pad: torch.Tensor, in_out: tuple[int, int]) -> torch.Tensor:
-    """The gradient of the 4×4 kernel of ``conv_transpose2d(x_pad, kernel, stride=2, padding=3)``.
-
-    Output pixel ``2m + a`` of that conv (per axis) reads ``x_pad[m + a + d]`` through tap ``3 - a - 2d``,
-    ``d ∈ {0, 1}``: each of the four output phases ``(a, b)`` is a stride-1 2×2 conv of ``x_pad``, so the
-    kernel's gradient is four stride-1 weight gradients, one a phase. oneDNN's weight gradient of the
-    stride-2 transposed conv ran at a seventh of its forward's speed at MU-GAN-cpu's decoder shapes
-    (bf16 on a Xeon with AMX); the four phase gradients together took 0.3–0.6× its time, bf16 and fp32."""
-    n_in, n_out = in_out
-    height, width = grad_out.shape[2] // 2, grad_out.shape[3] // 2
-    shape_2x2 = x_pad.new_empty(n_out, n_in, 2, 2)  # only its shape is read
-    rows = []
-    for a in (1, 0):
-        cols = []
-        for b in (1, 0):
-            grad_2x2 = torch.ops.aten.convolution_backward(
-                grad_out[:, :, a::2, b::2],
-                x_pad[:, :, a : a + height + 1, b : b + width + 1],
-                shape_2x2,
-                None,
-                [1, 1],
-                [0, 0],
-                [1, 1],
-                False,
-                [0, 0],
-                1,
-                [False, True, False],
-            )[1]
-            cols.append(grad_2x2.transpose(0, 1).flip(2, 3))  # (in, out, u, v): tap 2u + 1 - a
-        rows.append(torch.stack(cols))
-    # (1 - a, 1 - b, in, out, u, v) -> (in, out, 2u + 1 - a, 2v + 1 - b)
-    return torch.stack(rows).permute(2, 3, 4, 0, 5, 1).reshape(n_in, n_out, 4, 4)
-
-
-class _PhaseGradTransposedConv(torch.autograd.Function):
+class _StridedTransposedConv(torch.autograd.Function):
     """``conv_transpose2d(x_pad, kernel, bias, stride=2, padding=3)`` whose backward takes the kernel's
-    gradient by phases (:func:`_phase_weight_grad`); the input's gradient is oneDNN's, as in autograd."""
+    gradient from the uncropped conv (:func:`_kernel_grad_uncropped`); the input's gradient is autograd's."""
 
     @staticmethod
     def forward(
@@ -147,7 +132,7 @@ class _PhaseGradTransposedConv(torch.autograd.Function):
                 grad_out, x_pad, kernel, None, [2, 2], [3, 3], [1, 1], True, [0, 0], 1, [True, False, False]
             )[0]
         if need_kernel:
-            grad_kernel = _phase_weight_grad(grad_out, x_pad, (kernel.shape[0], kernel.shape[1]))
+            grad_kernel = _kernel_grad_uncropped(grad_out, x_pad, kernel)
         if need_bias and ctx.has_bias:  # type: ignore[attr-defined]
             grad_bias = grad_out.sum(dim=(0, 2, 3))
         return grad_x, grad_kernel, grad_bias
@@ -155,24 +140,15 @@ class _PhaseGradTransposedConv(torch.autograd.Function):
 
 def resize_transposed_conv(x_pad: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``conv_transpose2d(x_pad, kernel, bias, stride=2, padding=3)``, :class:`ResizeConv`'s core. When the
-    kernel's gradient is wanted on a CPU with ≥ :data:`PHASE_GRAD_MIN_OUT_CHANNELS` output channels, its
-    backward takes that gradient by phases (the same values; a bf16 training step 1.13× faster for both
-    CPU presets on a Xeon with AMX, bench/RESULTS.md); autocast's cast is done here, as it would be for
-    the conv."""
-    by_phases = (
-        torch.is_grad_enabled()
-        and kernel.requires_grad
-        and x_pad.device.type == "cpu"
-        and kernel.shape[1] >= PHASE_GRAD_MIN_OUT_CHANNELS
-    )
-    if not by_phases:
+    kernel's gradient is wanted on a CPU, the backward takes it from the uncropped conv (the same values; a
+    bf16 training step 1.11× (STGAN-cpu) and 1.15× (MU-GAN-cpu) faster on a Xeon with AMX, bench/RESULTS.md);
+    autocast's cast is done here, as it would be for the conv."""
+    if not (torch.is_grad_enabled() and kernel.requires_grad and x_pad.device.type == "cpu"):
         return F.conv_transpose2d(x_pad, kernel, bias, stride=2, padding=3)
     device = x_pad.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_pad.dtype
     with torch.autocast(device, enabled=False):
-        return _PhaseGradTransposedConv.apply(
-            x_pad.to(dtype), kernel.to(dtype), None if bias is None else bias.to(dtype)
-        )
+        return _StridedTransposedConv.apply(x_pad.to(dtype), kernel.to(dtype), None if bias is None else bias.to(dtype))
 
 
 class ResizeConv(nn.Module):

@@ -310,21 +310,21 @@ def test_a_resize_conv_takes_the_condition_as_a_bias() -> None:
 
 @pytest.mark.parametrize("with_condition", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_a_wide_resize_conv_takes_its_kernel_gradient_by_phases(
+def test_a_resize_conv_takes_its_kernel_gradient_from_the_uncropped_conv(
     with_condition: bool, channels_last: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """From PHASE_GRAD_MIN_OUT_CHANNELS output channels a CPU resize conv's backward takes the 4×4 kernel's
-    gradient as four stride-1 phase gradients: the output and every gradient are those of the literal
-    resize + 3×3 conv (odd, unequal sizes, so a phase or tap placed wrongly shows)."""
+    """In training on a CPU a resize conv's backward takes the 4×4 kernel's gradient from the padding-1
+    transposed conv with the output gradient zero-padded: the output and every gradient are those of the
+    literal resize + 3×3 conv (odd, unequal sizes, so a misplaced border shows)."""
     import models.blocks
-    from models.blocks import PHASE_GRAD_MIN_OUT_CHANNELS, ResizeConv, cat_condition
+    from models.blocks import ResizeConv, cat_condition
 
     calls = []
-    phase_grad = models.blocks._phase_weight_grad
-    monkeypatch.setattr(models.blocks, "_phase_weight_grad", lambda *a: calls.append(1) or phase_grad(*a))
+    kernel_grad = models.blocks._kernel_grad_uncropped
+    monkeypatch.setattr(models.blocks, "_kernel_grad_uncropped", lambda *a: calls.append(1) or kernel_grad(*a))
     torch.manual_seed(0)
     n_cond = 3 if with_condition else 0
-    layer = ResizeConv(5 + n_cond, PHASE_GRAD_MIN_OUT_CHANNELS)
+    layer = ResizeConv(5 + n_cond, 6)
     x = torch.randn(2, 5, 7, 4)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -337,24 +337,20 @@ def test_a_wide_resize_conv_takes_its_kernel_gradient_by_phases(
     grad_out = torch.randn_like(want)
     got_grads = torch.autograd.grad(got, inputs, grad_out)
     want_grads = torch.autograd.grad(want, inputs, grad_out)
-    assert calls, "the phase gradient was not used"
+    assert calls, "the uncropped conv's kernel gradient was not used"
     for name, g, w in zip(("x", "weight", "bias", "c"), got_grads, want_grads, strict=False):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4, msg=f"gradient of {name}")
-    calls.clear()
-    narrow = ResizeConv(5, PHASE_GRAD_MIN_OUT_CHANNELS - 1)
-    torch.autograd.grad(narrow(x).sum(), narrow.weight)
-    assert not calls, "a narrow layer keeps autograd's gradient"
 
 
-def test_the_phase_gradient_passes_gradcheck_and_follows_bf16_autocast() -> None:
-    from models.blocks import _PhaseGradTransposedConv, resize_transposed_conv
+def test_the_strided_transposed_conv_passes_gradcheck_and_follows_bf16_autocast() -> None:
+    from models.blocks import _StridedTransposedConv, resize_transposed_conv
 
     gen = torch.Generator().manual_seed(0)
     x_pad, kernel, bias = (
         torch.randn(shape, dtype=torch.double, generator=gen, requires_grad=True)
         for shape in ((2, 3, 5, 6), (3, 2, 4, 4), (2,))
     )
-    assert torch.autograd.gradcheck(_PhaseGradTransposedConv.apply, (x_pad, kernel, bias))
+    assert torch.autograd.gradcheck(_StridedTransposedConv.apply, (x_pad, kernel, bias))
     # under autocast it runs in bf16, as the conv it replaces does, with the same gradients
     x_pad = torch.randn(4, 16, 6, 7, generator=gen).contiguous(memory_format=torch.channels_last).requires_grad_()
     kernel = (0.1 * torch.randn(16, 40, 4, 4, generator=gen)).requires_grad_()

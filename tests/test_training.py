@@ -13,7 +13,6 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio
 
-import models.blocks
 from models.attributes import STGAN_ATTRIBUTES, condition_vector
 from models.checkpoint import CheckpointError, load_pretrained
 from models.device import has_cxx_compiler
@@ -1108,12 +1107,7 @@ def test_a_failing_compile_leaves_training_eager(
 @pytest.mark.slow  # inductor compiles two tiny generators: about a minute with an empty cache
 @pytest.mark.skipif(not has_cxx_compiler(), reason="inductor's CPU backend needs a C++ compiler")
 @pytest.mark.parametrize("preset", ["stgan-tiny", "mugan-tiny"])
-def test_a_compiled_generator_pass_computes_the_eager_one(
-    prepared_cache: Path, tmp_path: Path, preset: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # the tiny decoders' wider resize convs (8 and 16 output channels) take their kernel gradient by phases,
-    # as the CPU presets' do, and the narrower ones through autograd: both paths compiled
-    monkeypatch.setattr(models.blocks, "PHASE_GRAD_MIN_OUT_CHANNELS", 8)
+def test_a_compiled_generator_pass_computes_the_eager_one(prepared_cache: Path, tmp_path: Path, preset: str) -> None:
     cfg = tiny_config(prepared_cache, tmp_path, preset=preset, compile_generator="on", precision="fp32")
     compiled, eager = (
         Trainer(cfg, tmp_path / "a"),
