@@ -5,7 +5,8 @@ changes to be measured, so two runs of ``bench/train_step.py`` an hour apart com
 code. Here both codes train side by side: one worker process per code (the other commit checked out
 with ``git worktree`` in a temp dir), each holding its trainer, take turns running ``--steps`` steps
 while the other waits, for ``--rounds`` rounds in alternating order. The table gives each code's
-median images/s, the ratio of the medians and in how many rounds the newer code was faster, and the
+median images/s, the ratio of the medians, in how many rounds the newer code was faster and the median of
+the per-round ratios (robust to the VM's swings between rounds), and the
 FLOPs of a step (``torch.utils.flop_counter``) with its share of the measured peak.
 
 Run: ``python bench/train_ab.py [--against 616a571] [--rounds 8] [--steps 2]``. The default baseline
@@ -140,6 +141,13 @@ def compare(
     return out
 
 
+def per_round_speedup(old: list[float], new: list[float]) -> float:
+    """The median over rounds of ``old / new`` seconds a step in the same round. The VM's speed swings by up to
+    2× within minutes (bench/RESULTS.md), so the ratio of the two codes' medians can pair a slow turn of one
+    with a fast turn of the other; turns of one round ran a few seconds apart."""
+    return statistics.median(a / b for a, b in zip(old, new, strict=True))
+
+
 def run(against: str = BASELINE, rounds: int = 8, steps: int = 2, batch: int = 16) -> str:
     rows, peaks = [], {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -155,7 +163,10 @@ def run(against: str = BASELINE, rounds: int = 8, steps: int = 2, batch: int = 1
                     if r.precision not in peaks:  # measured once per precision, after the workers closed
                         peaks[r.precision] = max(peak_flops(torch.bfloat16 if r.precision == "bf16" else torch.float32))
                     med = statistics.median(r.seconds)
-                    ratio = f"**{statistics.median(old) / med:.2f}x**, faster in {wins}/{rounds} rounds"
+                    ratio = (
+                        f"**{statistics.median(old) / med:.2f}x**, faster in {wins}/{rounds} rounds, per-round "
+                        f"median {per_round_speedup(old, new):.2f}x"
+                    )
                     rows.append(
                         [
                             preset,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,17 @@ def test_the_interleaved_training_bench_times_each_tree_in_turn() -> None:
         assert len(timings.seconds) == 3 and all(t > 0 for t in timings.seconds)
         assert timings.precision in ("fp32", "bf16")
     assert result["a"].flops == result["b"].flops > 0  # the same code counts the same step
+
+
+def test_the_per_round_speedup_pairs_turns_of_one_round() -> None:
+    from bench.train_ab import per_round_speedup
+
+    # the new code is twice as fast in four rounds of five, but the VM slowed down while the old code's turns
+    # were mostly fast and the new code's mostly slow: the ratio of the medians says 0.67x, the rounds 2x
+    old, new = [1.0, 1.0, 1.0, 3.0, 3.0], [0.5, 0.5, 2.5, 1.5, 1.5]
+    assert statistics.median(old) / statistics.median(new) == pytest.approx(2 / 3)
+    assert per_round_speedup(old, new) == 2.0 and per_round_speedup(new, old) == 0.5
+    assert per_round_speedup([2.0, 1.0, 4.0], [1.0, 1.0, 1.0]) == 2.0  # odd count: the middle ratio
 
 
 TINY_TRAINING = (("stgan-tiny", {"disc_preset": "discriminator-tiny"}),)
