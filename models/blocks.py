@@ -123,8 +123,8 @@ class _StridedTransposedConv(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         x_pad, kernel = ctx.saved_tensors  # type: ignore[attr-defined]
-        layout = torch.channels_last if x_pad.is_contiguous(memory_format=torch.channels_last) else None
-        grad_out = grad_out.contiguous(memory_format=layout or torch.contiguous_format)
+        channels_last = x_pad.is_contiguous(memory_format=torch.channels_last)
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         need_x, need_kernel, need_bias = ctx.needs_input_grad  # type: ignore[attr-defined]
         grad_x = grad_kernel = grad_bias = None
         if need_x:
@@ -145,9 +145,8 @@ def resize_transposed_conv(x_pad: torch.Tensor, kernel: torch.Tensor, bias: torc
     autocast's cast is done here, as it would be for the conv."""
     if not (torch.is_grad_enabled() and kernel.requires_grad and x_pad.device.type == "cpu"):
         return F.conv_transpose2d(x_pad, kernel, bias, stride=2, padding=3)
-    device = x_pad.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_pad.dtype
-    with torch.autocast(device, enabled=False):
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x_pad.dtype
+    with torch.autocast("cpu", enabled=False):
         return _StridedTransposedConv.apply(x_pad.to(dtype), kernel.to(dtype), None if bias is None else bias.to(dtype))
 
 
