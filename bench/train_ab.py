@@ -148,14 +148,16 @@ def per_round_speedup(old: list[float], new: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(old, new, strict=True))
 
 
-def run(against: str = BASELINE, rounds: int = 8, steps: int = 2, batch: int = 16) -> str:
+def run(
+    against: str = BASELINE, rounds: int = 8, steps: int = 2, batch: int = 16, presets: tuple[str, ...] = PRESETS
+) -> str:
     rows, peaks = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         old_tree = Path(tmp) / "tree"
         subprocess.run(["git", "worktree", "add", "--detach", str(old_tree), against], cwd=ROOT, check=True)
         try:
             trees = {against: old_tree, "this tree": ROOT}
-            for preset in PRESETS:
+            for preset in presets:
                 result = compare(trees, preset, rounds, steps, batch)
                 old, new = result[against].seconds, result["this tree"].seconds
                 wins = sum(b < a for a, b in zip(old, new, strict=True))
@@ -184,9 +186,12 @@ def run(against: str = BASELINE, rounds: int = 8, steps: int = 2, batch: int = 1
     header = ["preset", "code", "precision", "images/s (median)", "ms/step", "GFLOP/step", "share of peak"]
     header.append("vs " + against)
     peak_text = ", ".join(f"{p} {v / 1e9:.0f} GFLOP/s" for p, v in peaks.items())
+    command = f"python bench/train_ab.py --against {against} --rounds {rounds} --steps {steps}"
+    if presets != PRESETS:
+        command += " --presets " + ",".join(presets)
     note = (
-        f"Batch {batch}, {rounds} rounds of {steps} steps per code, turns alternating (`python bench/train_ab.py "
-        f"--against {against}`); peak: the best of a 2048² matmul and a 3x3 conv ({peak_text})."
+        f"Batch {batch}, {rounds} rounds of {steps} steps per code, turns alternating (`{command}`); peak: the best "
+        f"of a 2048² matmul and a 3x3 conv ({peak_text})."
     )
     title = f"### Training step against {against} (interleaved, batch {batch})"
     return f"{title}\n\n{machine()}\n\n{note}\n\n" + table(header, rows) + "\n"
@@ -198,9 +203,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--presets", default=",".join(PRESETS), help="comma-separated (default: %(default)s)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO)
-    log.info("\n%s", run(args.against, args.rounds, args.steps, args.batch))
+    log.info("\n%s", run(args.against, args.rounds, args.steps, args.batch, tuple(args.presets.split(","))))
 
 
 if __name__ == "__main__":

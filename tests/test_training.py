@@ -536,6 +536,7 @@ def _two_pass_step(trainer: Trainer) -> None:
         use_r1=use_r1,
         rng=gen,
         autocast=trainer._autocast,
+        joint_batches=not use_r1,  # as the step: one pass over both batches unless R1 goes through D
     )
     trainer.opt_D.zero_grad(set_to_none=True)
     d_loss.backward()
@@ -942,6 +943,46 @@ def test_discriminator_loss_adds_the_fake_classification_term_only_when_asked(
         d_loss(with_fake)
 
 
+@pytest.mark.parametrize("use_r1", [False, True])
+def test_discriminator_loss_on_joint_batches_equals_the_separate_passes(
+    prepared_cache: Path, tmp_path: Path, use_r1: bool
+) -> None:
+    from training import losses
+
+    cfg = tiny_config(prepared_cache, tmp_path, precision="fp32")
+    trainer = Trainer(cfg, tmp_path / "run")
+    assert trainer.D.config.norm == "instance"  # each image normalised on its own: one pass or two agree
+    x_real, c_src, _ = trainer._batch(0, torch.Generator().manual_seed(0))
+    x_fake = torch.rand_like(x_real) * 2 - 1
+    results = {}
+    for joint in (False, True):
+        calls: list[int] = []
+        hook = trainer.D.register_forward_hook(lambda _m, args, _o, calls=calls: calls.append(len(args[0])))
+        loss, logs = losses.discriminator_loss(
+            trainer.D,
+            x_real,
+            x_fake,
+            c_src,
+            cfg,
+            label_frequency=trainer.label_frequency,
+            use_r1=use_r1,
+            rng=torch.Generator().manual_seed(1),
+            autocast=trainer._autocast,
+            joint_batches=joint,
+        )
+        hook.remove()
+        grads = torch.autograd.grad(loss, list(trainer.D.parameters()))
+        results[joint] = (loss, logs, grads, calls)
+    (loss_a, logs_a, grads_a, calls_a), (loss_b, logs_b, grads_b, calls_b) = results[False], results[True]
+    assert calls_a == [len(x_real)] * 2 and calls_b == [2 * len(x_real)]
+    assert ("d_r1" in logs_b) == use_r1 and logs_a.keys() == logs_b.keys()
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
+    for name in logs_a:
+        assert logs_b[name] == pytest.approx(logs_a[name], rel=1e-4, abs=1e-6), name
+    for a, b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
 def test_generator_loss_pushes_the_zero_difference_mask_shut_only_when_asked(
     prepared_cache: Path, tmp_path: Path
 ) -> None:
@@ -1077,6 +1118,16 @@ def test_auto_compiles_the_generator_pass_only_for_a_large_generator_on_a_cpu_wi
     assert on.should_compile_generator()
     with pytest.raises(ValueError, match="compile_generator"):
         tiny_config(prepared_cache, tmp_path, compile_generator="yes")
+    # the discriminator by the same rule, on its own size and setting
+    assert not tiny.should_compile_discriminator()
+    monkeypatch.setattr(trainer_module, "has_cxx_compiler", lambda: True)
+    disc = Trainer(tiny_config(prepared_cache, tmp_path, disc_preset="discriminator-cpu"), tmp_path / "disc")
+    assert sum(p.numel() for p in disc.D.parameters()) >= 1_000_000
+    assert disc.should_compile_discriminator() and not disc.should_compile_generator()
+    off = tiny_config(prepared_cache, tmp_path, disc_preset="discriminator-cpu", compile_discriminator="off")
+    assert not Trainer(off, tmp_path / "off").should_compile_discriminator()
+    with pytest.raises(ValueError, match="compile_discriminator"):
+        tiny_config(prepared_cache, tmp_path, compile_discriminator="yes")
 
 
 def test_a_failing_compile_leaves_training_eager(
@@ -1089,19 +1140,57 @@ def test_a_failing_compile_leaves_training_eager(
         return run
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    cfg = tiny_config(prepared_cache, tmp_path, compile_generator="on", precision="fp32")
+    cfg = tiny_config(prepared_cache, tmp_path, compile_generator="on", compile_discriminator="on", precision="fp32")
     failing, eager = (
         Trainer(cfg, tmp_path / "a"),
-        Trainer(dataclasses.replace(cfg, compile_generator="off"), tmp_path / "b"),
+        Trainer(dataclasses.replace(cfg, compile_generator="off", compile_discriminator="off"), tmp_path / "b"),
     )
     eager.G.load_state_dict(failing.G.state_dict())
     eager.D.load_state_dict(failing.D.state_dict())
-    failing.train_step()
-    eager.train_step()
-    assert failing._compiled_pass is False
-    assert "stays eager" in caplog.text and "no C++ compiler after all" in caplog.text
-    for p, q in zip(failing.G.parameters(), eager.G.parameters(), strict=True):
+    for _ in range(2):  # step 0 is an R1 step (D eager anyway), step 1 is not
+        failing.train_step()
+        eager.train_step()
+    assert failing._compiled_pass is False and failing._compiled_D is False
+    assert "the generator pass stays eager" in caplog.text and "the discriminator stays eager" in caplog.text
+    assert "no C++ compiler after all" in caplog.text
+    failing_params = [*failing.G.parameters(), *failing.D.parameters()]
+    for p, q in zip(failing_params, [*eager.G.parameters(), *eager.D.parameters()], strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.slow  # inductor compiles a tiny discriminator three ways: about a minute with an empty cache
+@pytest.mark.skipif(not has_cxx_compiler(), reason="inductor's CPU backend needs a C++ compiler")
+def test_a_compiled_discriminator_trains_as_the_eager_one(prepared_cache: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(
+        prepared_cache, tmp_path, compile_discriminator="on", lambda_g_cls_kept=1.0, precision="fp32", lr_d=1e-3
+    )
+    compiled, eager = (
+        Trainer(cfg, tmp_path / "a"),
+        Trainer(dataclasses.replace(cfg, compile_discriminator="off"), tmp_path / "b"),
+    )
+    eager.G.load_state_dict(compiled.G.state_dict())
+    eager.D.load_state_dict(compiled.D.state_dict())
+    calls = {"compiled": 0, "eager": 0}
+    original = compiled.discriminator
+
+    def counting(double_backward: bool = False) -> torch.nn.Module:
+        d = original(double_backward)
+        calls["eager" if d is compiled.D else "compiled"] += 1
+        return d
+
+    compiled.discriminator = counting  # type: ignore[method-assign]
+    logs = {}
+    for step in range(2):  # step 0: R1 (D's update eager), step 1: compiled throughout
+        logs[step] = (compiled.train_step(), eager.train_step())
+    assert isinstance(compiled._compiled_D, torch.nn.Module) and eager._compiled_D is False
+    assert calls == {"compiled": 3, "eager": 1}  # D's update at step 1 and G's loss at both steps
+    for a, b in logs.values():
+        for name in ("d_loss", "g_loss", "d_adv", "g_adv"):
+            assert a[name] == pytest.approx(b[name], rel=1e-4, abs=1e-5), name
+    for (name, p), q in zip(compiled.D.named_parameters(), eager.D.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=f"D's {name}")
+    for p, q in zip(compiled.G.parameters(), eager.G.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow  # inductor compiles two tiny generators: about a minute with an empty cache

@@ -129,6 +129,10 @@ class TrainConfig:
     #: 1.02x; bench/RESULTS.md); "on" wherever torch.compile runs; "off" never. A compile that fails leaves
     #: training eager, with a warning.
     compile_generator: str = "auto"
+    #: The same for the discriminator (:meth:`Trainer.discriminator`): "auto" compiles where the generator
+    #: pass would (a discriminator of a million parameters or more). A step with a double backward through
+    #: D (R1, WGAN-GP) runs it eager: AOTAutograd has no double backward.
+    compile_discriminator: str = "auto"
     threads: int = 0
     log_every: int = 10
     sample_every: int = 500
@@ -151,6 +155,10 @@ class TrainConfig:
             raise ValueError(f"diff_scale_max must be >= 1, got {self.diff_scale_max}")
         if self.compile_generator not in COMPILE_MODES:
             raise ValueError(f"compile_generator must be one of {COMPILE_MODES}, got {self.compile_generator!r}")
+        if self.compile_discriminator not in COMPILE_MODES:
+            raise ValueError(
+                f"compile_discriminator must be one of {COMPILE_MODES}, got {self.compile_discriminator!r}"
+            )
         if self.gan_loss not in ("nsgan", "wgan"):
             raise ValueError(f"gan_loss must be 'nsgan' or 'wgan', got {self.gan_loss!r}")
         object.__setattr__(self, "attributes", tuple(self.attributes))  # frozen: set once, here

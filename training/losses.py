@@ -197,16 +197,23 @@ def discriminator_loss(
     rng: torch.Generator,
     autocast: Callable[[], AbstractContextManager[Any]],
     c_trg: torch.Tensor | None = None,
+    joint_batches: bool = False,
 ) -> tuple[torch.Tensor, Logs]:
     """D's loss on a real batch and a (detached) fake one: adversarial, attribute classification of the
     real faces (class-balanced when ``cfg.d_cls_balance_max > 1``), with ``cfg.lambda_d_cls_fake`` the
     edits' changed attributes classified as their source (needs ``c_trg``, the edits' targets), and the
-    gradient penalty (WGAN-GP) or lazy R1 (``use_r1``: this step is an R1 step)."""
+    gradient penalty (WGAN-GP) or lazy R1 (``use_r1``: this step is an R1 step). ``joint_batches``: D
+    reads both batches in one pass, the same result where D normalises each image on its own (no batch
+    norm), with larger convolutions."""
     logs: Logs = {}
     x_in = x_real.detach().requires_grad_(use_r1)
     with autocast():
-        real_adv, real_cls = discriminator(x_in)
-        fake_adv, fake_cls = discriminator(x_fake)
+        if joint_batches:
+            adv, cls = discriminator(torch.cat([x_in, x_fake]))
+            (real_adv, fake_adv), (real_cls, fake_cls) = adv.split(len(x_in)), cls.split(len(x_in))
+        else:
+            real_adv, real_cls = discriminator(x_in)
+            fake_adv, fake_cls = discriminator(x_fake)
     d_adv, lg = d_adversarial(real_adv, fake_adv, cfg.gan_loss)
     logs |= lg
     weight = (

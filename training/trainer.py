@@ -108,6 +108,8 @@ class Trainer:
         self.classifier, self.classifier_attributes = self._load_classifier()
         #: The compiled generator pass (:meth:`generator_pass`): None until the first step decides, False: eager.
         self._compiled_pass: Callable[..., tuple[torch.Tensor | None, ...]] | Literal[False] | None = None
+        #: The compiled discriminator (:meth:`discriminator`): None until the first step decides, False: eager.
+        self._compiled_D: nn.Module | Literal[False] | None = None
         self.writer = None
         self._realism_inputs: Any = None  # training.realism.RealismInputs, built at the first probe
 
@@ -204,6 +206,8 @@ class Trainer:
         # ---- the generator runs once: D learns from its edit detached, G's loss reads the same pass
         # after D's update. With n_critic > 1 the earlier critic steps draw their own no-grad edits.
         g_pass = self.generator_pass(x_real, cond, cond_rec)
+        if self._compiled_D is None:
+            self._compiled_D = self._compile_discriminator(x_real, g_pass.x_fake)
 
         # ---- discriminator
         self.D.requires_grad_(True)
@@ -214,8 +218,9 @@ class Trainer:
                 with torch.no_grad(), self._autocast():
                     x_fake = self.G(x_real, cond)[0].float()
             use_r1 = cfg.gan_loss == "nsgan" and cfg.r1_gamma > 0 and step % cfg.r1_interval == 0
+            double_backward = use_r1 or cfg.gan_loss == "wgan"  # through D: eager, the real batch apart
             d_loss, lg = losses.discriminator_loss(
-                self.D,
+                self.discriminator(double_backward),
                 x_real,
                 x_fake,
                 c_src,
@@ -225,6 +230,7 @@ class Trainer:
                 rng=gen,
                 autocast=self._autocast,
                 c_trg=c_trg,
+                joint_batches=self.D.config.norm != "batch" and not double_backward,
             )
             logs |= lg
             self.opt_D.zero_grad(set_to_none=True)
@@ -237,7 +243,7 @@ class Trainer:
         self.D.requires_grad_(False)
         g_loss, lg = losses.generator_loss(
             g_pass,
-            self.D,
+            self.discriminator(),
             x_real,
             c_src,
             c_trg,
@@ -271,11 +277,76 @@ class Trainer:
         backend), for a generator of a million parameters or more (a tiny one trains a step in
         milliseconds, less than compiling would ever save), in a one-process run (the distributed batch
         norm's collectives are not measured compiled)."""
-        mode = self.cfg.compile_generator
+        return self._should_compile(self.cfg.compile_generator, self.G)
+
+    def should_compile_discriminator(self) -> bool:
+        """``compile_discriminator``, by the rule of :meth:`should_compile_generator`."""
+        return self._should_compile(self.cfg.compile_discriminator, self.D)
+
+    def _should_compile(self, mode: str, network: nn.Module) -> bool:
         if mode != "auto":
             return mode == "on"
-        n_params = sum(p.numel() for p in self.G.parameters())
+        n_params = sum(p.numel() for p in network.parameters())
         return self.device.type == "cpu" and has_cxx_compiler() and n_params >= 1_000_000 and self.world_size == 1
+
+    def discriminator(self, double_backward: bool = False) -> nn.Module:
+        """D for this call: its compiled form (:meth:`_compile_discriminator`, at the first step) unless a
+        double backward goes through it (R1, WGAN-GP: AOTAutograd has none) or compiling failed. The
+        compiled module shares D's parameters."""
+        if double_backward or not isinstance(self._compiled_D, nn.Module):
+            return self.D
+        return self._compiled_D
+
+    def _compile_discriminator(self, x_real: torch.Tensor, x_fake: torch.Tensor) -> nn.Module | Literal[False]:
+        """torch.compile of D where ``compile_discriminator`` says so, compiled now by one trial of each
+        kind of call a step makes, on this step's batches: D's update (real and fake batches together),
+        G's loss through D frozen (and, for ``lambda_g_cls_kept``, D on the real faces without grad).
+        False: not asked for, or it failed. Eager, D took a fifth of a bf16 MU-GAN-cpu step on the AMX
+        Xeon: small convs whose casts, activations and instance norms compile into a few kernels."""
+        if not self.should_compile_discriminator():
+            return False
+        compiled = torch.compile(self.D, dynamic=False)
+        x_fake = x_fake.detach()
+        x_update = torch.cat([x_real, x_fake.float()]) if self.D.config.norm != "batch" else x_real
+
+        def trial() -> None:
+            trainable = [p.requires_grad for p in self.D.parameters()]
+            try:
+                self.D.requires_grad_(True)
+                with self._autocast():
+                    outputs = compiled(x_update)
+                torch.autograd.grad(sum(t.float().sum() for t in outputs), list(self.D.parameters()))
+                self.D.requires_grad_(False)
+                x_in = x_fake.clone().requires_grad_(True)
+                with self._autocast():
+                    outputs = compiled(x_in)
+                torch.autograd.grad(sum(t.float().sum() for t in outputs), x_in)
+                if self.cfg.lambda_g_cls_kept > 0:
+                    with torch.no_grad(), self._autocast():
+                        compiled(x_real)
+            finally:
+                for p, flag in zip(self.D.parameters(), trainable, strict=True):
+                    p.requires_grad_(flag)
+
+        return compiled if self._trial_compile("the discriminator", self.D, trial) else False
+
+    def _trial_compile(self, what: str, network: nn.Module, trial: Callable[[], None]) -> bool:
+        """Run ``trial`` (the compiled calls: inductor compiles at the first of each), ``network``'s buffers
+        restored afterwards; False, with a warning, where the compiler failed."""
+        buffers = [b.clone() for b in network.buffers()]
+        started = time.perf_counter()
+        log.info("compiling %s (torch.compile, inductor; a minute or two the first time)", what)
+        try:
+            trial()
+        except Exception as exc:  # any failure of the compiler leaves training eager, not stopped
+            log.warning("%s stays eager: torch.compile failed (%s: %s)", what, type(exc).__name__, exc)
+            return False
+        finally:
+            with torch.no_grad():
+                for buffer, saved in zip(network.buffers(), buffers, strict=True):
+                    buffer.copy_(saved)
+        log.info("%s compiled in %.0f s", what, time.perf_counter() - started)
+        return True
 
     def _compile_generator_pass(
         self, x_real: torch.Tensor, cond: torch.Tensor, cond_rec: torch.Tensor
@@ -291,22 +362,13 @@ class Trainer:
             return g_pass.x_fake, g_pass.mask_fake, g_pass.x_rec_raw, g_pass.mask_rec
 
         compiled = torch.compile(run, dynamic=False)
-        buffers = [b.clone() for b in generator.buffers()]
-        started = time.perf_counter()
-        log.info("compiling the generator pass (torch.compile, inductor; a minute or two the first time)")
-        try:
+
+        def trial() -> None:
             outputs = [t for t in compiled(x_real, cond, cond_rec) if t is not None]
             params = [p for p in generator.parameters() if p.requires_grad]
             torch.autograd.grad(sum(t.float().mean() for t in outputs), params, allow_unused=True)
-        except Exception as exc:  # any failure of the compiler leaves training eager, not stopped
-            log.warning("the generator pass stays eager: torch.compile failed (%s: %s)", type(exc).__name__, exc)
-            return None
-        finally:
-            with torch.no_grad():
-                for buffer, saved in zip(generator.buffers(), buffers, strict=True):
-                    buffer.copy_(saved)
-        log.info("generator pass compiled in %.0f s", time.perf_counter() - started)
-        return compiled
+
+        return compiled if self._trial_compile("the generator pass", generator, trial) else None
 
     @torch.no_grad()
     def _update_ema(self) -> None:
