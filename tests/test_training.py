@@ -983,6 +983,24 @@ def test_discriminator_loss_on_joint_batches_equals_the_separate_passes(
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
 
+def test_the_real_pass_with_r1_as_one_function_equals_the_double_backward(prepared_cache: Path, tmp_path: Path) -> None:
+    from training import losses
+
+    trainer = Trainer(tiny_config(prepared_cache, tmp_path, precision="fp32"), tmp_path / "run")
+    x_real, _, _ = trainer._batch(0, torch.Generator().manual_seed(0))
+    params = list(trainer.D.parameters())
+    x_in = x_real.detach().requires_grad_(True)
+    adv, cls = trainer.D(x_in)
+    r1, logs = losses.r1_penalty(adv, x_in)
+    expected = torch.autograd.grad(r1 + adv.sum() + cls.sum(), params)
+    adv_f, cls_f, r1_f = losses.real_pass_with_r1(trainer.D, x_real, trainer._autocast)
+    assert r1.item() > 0 and r1_f.item() == pytest.approx(logs["d_r1"], rel=1e-5)
+    torch.testing.assert_close(adv_f, adv)
+    torch.testing.assert_close(cls_f, cls)
+    for a, b in zip(torch.autograd.grad(r1_f + adv_f.sum() + cls_f.sum(), params), expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_generator_loss_pushes_the_zero_difference_mask_shut_only_when_asked(
     prepared_cache: Path, tmp_path: Path
 ) -> None:
@@ -1180,12 +1198,13 @@ def test_a_compiled_discriminator_trains_as_the_eager_one(prepared_cache: Path, 
 
     compiled.discriminator = counting  # type: ignore[method-assign]
     logs = {}
-    for step in range(2):  # step 0: R1 (D's update eager), step 1: compiled throughout
+    for step in range(2):  # step 0: R1 (the real pass and its penalty compiled as one function), step 1: plain
         logs[step] = (compiled.train_step(), eager.train_step())
     assert isinstance(compiled._compiled_D, torch.nn.Module) and eager._compiled_D is False
-    assert calls == {"compiled": 3, "eager": 1}  # D's update at step 1 and G's loss at both steps
+    assert calls == {"compiled": 4, "eager": 0}  # D's updates (step 0's fake batch) and G's losses
+    assert "d_r1" in logs[0][0] and "d_r1" in logs[0][1]  # step 0's penalty: compiled as one function, and eager
     for a, b in logs.values():
-        for name in ("d_loss", "g_loss", "d_adv", "g_adv"):
+        for name in ("d_loss", "g_loss", "d_adv", "g_adv", *(["d_r1"] if "d_r1" in a else [])):
             assert a[name] == pytest.approx(b[name], rel=1e-4, abs=1e-5), name
     for (name, p), q in zip(compiled.D.named_parameters(), eager.D.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=f"D's {name}")

@@ -130,8 +130,9 @@ class TrainConfig:
     #: training eager, with a warning.
     compile_generator: str = "auto"
     #: The same for the discriminator (:meth:`Trainer.discriminator`): "auto" compiles where the generator
-    #: pass would (a discriminator of a million parameters or more). A step with a double backward through
-    #: D (R1, WGAN-GP) runs it eager: AOTAutograd has no double backward.
+    #: pass would (a discriminator of a million parameters or more). AOTAutograd has no double backward: an
+    #: R1 step's real pass and penalty compile as one function (``losses.real_pass_with_r1``); WGAN-GP's
+    #: gradient penalty keeps D eager.
     compile_discriminator: str = "auto"
     threads: int = 0
     log_every: int = 10

@@ -134,6 +134,22 @@ def r1_penalty(real_logit: torch.Tensor, x_real: torch.Tensor) -> tuple[torch.Te
     return loss, {"d_r1": loss.item()}
 
 
+def real_pass_with_r1(
+    discriminator: nn.Module, x_real: torch.Tensor, autocast: Callable[[], AbstractContextManager[Any]]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """D on the real faces and R1 (:func:`r1_penalty`'s value) as one function of D's parameters:
+    ``torch.func.grad`` takes the input gradient inside the forward, so the whole needs one backward and
+    compiles (AOTAutograd has no double backward). Returns (adversarial logits, attribute logits, R1)."""
+
+    def adversarial_sum(x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        with autocast():
+            adv, cls = discriminator(x)
+        return adv.float().sum(), (adv, cls)
+
+    grad, (real_adv, real_cls) = torch.func.grad(adversarial_sum, has_aux=True)(x_real.detach())
+    return real_adv, real_cls, grad.float().pow(2).flatten(1).sum(1).mean()
+
+
 def border_weight_map(size: int, border_weight: float) -> torch.Tensor:
     """(1, 1, size, size) weights ``1 + border_weight * r^2``, r the distance from the centre scaled
     to 1 at the corners: the background of an aligned face crop lies along its borders."""
@@ -198,17 +214,23 @@ def discriminator_loss(
     autocast: Callable[[], AbstractContextManager[Any]],
     c_trg: torch.Tensor | None = None,
     joint_batches: bool = False,
+    r1_pass: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, Logs]:
     """D's loss on a real batch and a (detached) fake one: adversarial, attribute classification of the
     real faces (class-balanced when ``cfg.d_cls_balance_max > 1``), with ``cfg.lambda_d_cls_fake`` the
     edits' changed attributes classified as their source (needs ``c_trg``, the edits' targets), and the
     gradient penalty (WGAN-GP) or lazy R1 (``use_r1``: this step is an R1 step). ``joint_batches``: D
     reads both batches in one pass, the same result where D normalises each image on its own (no batch
-    norm), with larger convolutions."""
+    norm), with larger convolutions. ``r1_pass``: :func:`real_pass_with_r1` (compiled) for an R1 step's real
+    batch, in place of the double backward through ``discriminator``."""
     logs: Logs = {}
-    x_in = x_real.detach().requires_grad_(use_r1)
+    x_in = x_real.detach().requires_grad_(use_r1 and r1_pass is None)
+    r1 = None
     with autocast():
-        if joint_batches:
+        if use_r1 and r1_pass is not None:
+            real_adv, real_cls, r1 = r1_pass(x_real)
+            fake_adv, fake_cls = discriminator(x_fake)
+        elif joint_batches:
             adv, cls = discriminator(torch.cat([x_in, x_fake]))
             (real_adv, fake_adv), (real_cls, fake_cls) = adv.split(len(x_in)), cls.split(len(x_in))
         else:
@@ -238,7 +260,10 @@ def discriminator_loss(
         logs |= lg
         d_loss = d_loss + cfg.lambda_gp * gp
     elif use_r1:
-        r1, lg = r1_penalty(real_adv, x_in)
+        if r1 is None:
+            r1, lg = r1_penalty(real_adv, x_in)
+        else:
+            lg = {"d_r1": r1.item()}
         logs |= lg
         d_loss = d_loss + 0.5 * cfg.r1_gamma * cfg.r1_interval * r1
     return d_loss, logs

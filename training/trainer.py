@@ -110,6 +110,8 @@ class Trainer:
         self._compiled_pass: Callable[..., tuple[torch.Tensor | None, ...]] | Literal[False] | None = None
         #: The compiled discriminator (:meth:`discriminator`): None until the first step decides, False: eager.
         self._compiled_D: nn.Module | Literal[False] | None = None
+        #: The compiled R1 step's real pass (:func:`losses.real_pass_with_r1`), set with ``_compiled_D``.
+        self._compiled_r1: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
         self.writer = None
         self._realism_inputs: Any = None  # training.realism.RealismInputs, built at the first probe
 
@@ -218,7 +220,9 @@ class Trainer:
                 with torch.no_grad(), self._autocast():
                     x_fake = self.G(x_real, cond)[0].float()
             use_r1 = cfg.gan_loss == "nsgan" and cfg.r1_gamma > 0 and step % cfg.r1_interval == 0
-            double_backward = use_r1 or cfg.gan_loss == "wgan"  # through D: eager, the real batch apart
+            r1_pass = self._compiled_r1 if use_r1 else None
+            # a double backward through D (R1 unless compiled as one function, WGAN-GP): eager, batches apart
+            double_backward = cfg.gan_loss == "wgan" or (use_r1 and r1_pass is None)
             d_loss, lg = losses.discriminator_loss(
                 self.discriminator(double_backward),
                 x_real,
@@ -231,6 +235,7 @@ class Trainer:
                 autocast=self._autocast,
                 c_trg=c_trg,
                 joint_batches=self.D.config.norm != "batch" and not double_backward,
+                r1_pass=r1_pass,
             )
             logs |= lg
             self.opt_D.zero_grad(set_to_none=True)
@@ -291,31 +296,46 @@ class Trainer:
 
     def discriminator(self, double_backward: bool = False) -> nn.Module:
         """D for this call: its compiled form (:meth:`_compile_discriminator`, at the first step) unless a
-        double backward goes through it (R1, WGAN-GP: AOTAutograd has none) or compiling failed. The
-        compiled module shares D's parameters."""
+        double backward goes through it (WGAN-GP, or R1 without its compiled pass: AOTAutograd has none) or
+        compiling failed. The compiled module shares D's parameters."""
         if double_backward or not isinstance(self._compiled_D, nn.Module):
             return self.D
         return self._compiled_D
 
     def _compile_discriminator(self, x_real: torch.Tensor, x_fake: torch.Tensor) -> nn.Module | Literal[False]:
         """torch.compile of D where ``compile_discriminator`` says so, compiled now by one trial of each
-        kind of call a step makes, on this step's batches: D's update (real and fake batches together),
-        G's loss through D frozen (and, for ``lambda_g_cls_kept``, D on the real faces without grad).
+        kind of call a step makes, on this step's batches: D's update (real and fake batches together; on
+        an R1 step the real pass with its penalty as one function, :func:`losses.real_pass_with_r1`, and
+        the fake batch alone), G's loss through D frozen (and, for ``lambda_g_cls_kept``, D on the real
+        faces without grad).
         False: not asked for, or it failed. Eager, D took a fifth of a bf16 MU-GAN-cpu step on the AMX
         Xeon: small convs whose casts, activations and instance norms compile into a few kernels."""
         if not self.should_compile_discriminator():
             return False
         compiled = torch.compile(self.D, dynamic=False)
+        discriminator, autocast = self.D, self._autocast
         x_fake = x_fake.detach()
-        x_update = torch.cat([x_real, x_fake.float()]) if self.D.config.norm != "batch" else x_real
+        joint = self.D.config.norm != "batch"
+        x_update = torch.cat([x_real, x_fake.float()]) if joint else x_real
+        uses_r1 = self.cfg.gan_loss == "nsgan" and self.cfg.r1_gamma > 0
+
+        def real_pass_with_r1(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            return losses.real_pass_with_r1(discriminator, x, autocast)
+
+        compiled_r1 = torch.compile(real_pass_with_r1, dynamic=False)
 
         def trial() -> None:
             trainable = [p.requires_grad for p in self.D.parameters()]
+            params = list(self.D.parameters())
             try:
                 self.D.requires_grad_(True)
                 with self._autocast():
                     outputs = compiled(x_update)
-                torch.autograd.grad(sum(t.float().sum() for t in outputs), list(self.D.parameters()))
+                torch.autograd.grad(sum(t.float().sum() for t in outputs), params)
+                if uses_r1:  # an R1 step: the real pass with its penalty, the fake batch alone
+                    with self._autocast():
+                        outputs = (*compiled_r1(x_real), *(compiled(x_fake.float()) if joint else ()))
+                    torch.autograd.grad(sum(t.float().sum() for t in outputs), params)
                 self.D.requires_grad_(False)
                 x_in = x_fake.clone().requires_grad_(True)
                 with self._autocast():
@@ -328,7 +348,10 @@ class Trainer:
                 for p, flag in zip(self.D.parameters(), trainable, strict=True):
                     p.requires_grad_(flag)
 
-        return compiled if self._trial_compile("the discriminator", self.D, trial) else False
+        if not self._trial_compile("the discriminator", self.D, trial):
+            return False
+        self._compiled_r1 = compiled_r1 if uses_r1 else None
+        return compiled
 
     def _trial_compile(self, what: str, network: nn.Module, trial: Callable[[], None]) -> bool:
         """Run ``trial`` (the compiled calls: inductor compiles at the first of each), ``network``'s buffers
