@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -508,6 +509,25 @@ def _generator_loss(
     )
 
 
+def _discriminator_loss(
+    trainer: Trainer,
+    x_real: torch.Tensor,
+    x_fake: torch.Tensor,
+    c_src: torch.Tensor,
+    cfg: TrainConfig,
+    **kw: Any,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """``losses.discriminator_loss`` of ``trainer``'s eager D, its label frequencies and autocast (``rng``:
+    seed 1 unless given)."""
+    from training import losses
+
+    kw.setdefault("rng", torch.Generator().manual_seed(1))
+    kw.setdefault("use_r1", False)
+    return losses.discriminator_loss(
+        trainer.D, x_real, x_fake, c_src, cfg, label_frequency=trainer.label_frequency, autocast=trainer._autocast, **kw
+    )
+
+
 def _two_pass_step(trainer: Trainer) -> None:
     """The step as it was before the generator pass was shared: D learns from a no-grad edit of its
     own, then G's loss runs the generator again (the reference the shared pass must equal)."""
@@ -526,16 +546,14 @@ def _two_pass_step(trainer: Trainer) -> None:
     with torch.no_grad():
         x_fake = losses.generator_pass(trainer.G, x_real, cond, cond_rec, trainer._autocast).x_fake
     use_r1 = step % cfg.r1_interval == 0
-    d_loss, _ = losses.discriminator_loss(
-        trainer.D,
+    d_loss, _ = _discriminator_loss(
+        trainer,
         x_real,
         x_fake,
         c_src,
         cfg,
-        label_frequency=trainer.label_frequency,
         use_r1=use_r1,
         rng=gen,
-        autocast=trainer._autocast,
         joint_batches=not use_r1,  # as the step: one pass over both batches unless R1 goes through D
     )
     trainer.opt_D.zero_grad(set_to_none=True)
@@ -911,7 +929,6 @@ def test_preservation_leaving_out_implied_attributes() -> None:
 def test_discriminator_loss_adds_the_fake_classification_term_only_when_asked(
     prepared_cache: Path, tmp_path: Path
 ) -> None:
-    from training import losses
 
     cfg = tiny_config(prepared_cache, tmp_path)
     trainer = Trainer(cfg, tmp_path / "run")
@@ -919,18 +936,7 @@ def test_discriminator_loss_adds_the_fake_classification_term_only_when_asked(
     x_fake = torch.rand_like(x_real) * 2 - 1
 
     def d_loss(config: TrainConfig, **kw: torch.Tensor) -> tuple[float, dict[str, float]]:
-        loss, logs = losses.discriminator_loss(
-            trainer.D,
-            x_real,
-            x_fake,
-            c_src,
-            config,
-            label_frequency=trainer.label_frequency,
-            use_r1=False,
-            rng=torch.Generator().manual_seed(1),
-            autocast=trainer._autocast,
-            **kw,
-        )
+        loss, logs = _discriminator_loss(trainer, x_real, x_fake, c_src, config, **kw)
         return loss.item(), logs
 
     base, logs = d_loss(cfg, c_trg=c_trg)
@@ -947,7 +953,6 @@ def test_discriminator_loss_adds_the_fake_classification_term_only_when_asked(
 def test_discriminator_loss_on_joint_batches_equals_the_separate_passes(
     prepared_cache: Path, tmp_path: Path, use_r1: bool
 ) -> None:
-    from training import losses
 
     cfg = tiny_config(prepared_cache, tmp_path, precision="fp32")
     trainer = Trainer(cfg, tmp_path / "run")
@@ -958,18 +963,7 @@ def test_discriminator_loss_on_joint_batches_equals_the_separate_passes(
     for joint in (False, True):
         calls: list[int] = []
         hook = trainer.D.register_forward_hook(lambda _m, args, _o, calls=calls: calls.append(len(args[0])))
-        loss, logs = losses.discriminator_loss(
-            trainer.D,
-            x_real,
-            x_fake,
-            c_src,
-            cfg,
-            label_frequency=trainer.label_frequency,
-            use_r1=use_r1,
-            rng=torch.Generator().manual_seed(1),
-            autocast=trainer._autocast,
-            joint_batches=joint,
-        )
+        loss, logs = _discriminator_loss(trainer, x_real, x_fake, c_src, cfg, use_r1=use_r1, joint_batches=joint)
         hook.remove()
         grads = torch.autograd.grad(loss, list(trainer.D.parameters()))
         results[joint] = (loss, logs, grads, calls)
