@@ -46,6 +46,7 @@ def benchmarks(weights: Path, quick: bool) -> dict[str, Callable[[], str]]:
         "startup": lambda: _bench("startup").run(weights, 8, 8.0 if q else 20.0),
         "encode": lambda: _bench("encode").run(3 if q else 10),
         "detect": lambda: _bench("detect").run(3 if q else 12),
+        "r1_precision": lambda: _bench("r1_precision").run(2 if q else 6),
         "cuda": lambda: _bench("gpu").run_for_results(weights, quick=q),
     }
 
