@@ -9,7 +9,7 @@ median images/s, the ratio of the medians, in how many rounds the newer code was
 the per-round ratios (robust to the VM's swings between rounds), and the
 FLOPs of a step (``torch.utils.flop_counter``) with its share of the measured peak.
 
-Run: ``python bench/train_ab.py [--against 616a571] [--rounds 8] [--steps 2]``. The default baseline
+Run: ``python bench/train_ab.py [--against 616a571] [--rounds 8] [--steps 2] [--precision fp32]``. The default baseline
 is the code when the training-speed target was set (issue 15; fp32 on a CPU without bf16 units).
 """
 
@@ -149,8 +149,15 @@ def per_round_speedup(old: list[float], new: list[float]) -> float:
 
 
 def run(
-    against: str = BASELINE, rounds: int = 8, steps: int = 2, batch: int = 16, presets: tuple[str, ...] = PRESETS
+    against: str = BASELINE,
+    rounds: int = 8,
+    steps: int = 2,
+    batch: int = 16,
+    presets: tuple[str, ...] = PRESETS,
+    precision: str = "auto",
 ) -> str:
+    """``precision``: both codes' ``TrainConfig.precision`` (``fp32`` times the path of a CPU without bf16 units
+    on one that has them)."""
     rows, peaks = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         old_tree = Path(tmp) / "tree"
@@ -158,7 +165,8 @@ def run(
         try:
             trees = {against: old_tree, "this tree": ROOT}
             for preset in presets:
-                result = compare(trees, preset, rounds, steps, batch)
+                overrides = {} if precision == "auto" else {"precision": precision}
+                result = compare(trees, preset, rounds, steps, batch, overrides=overrides)
                 old, new = result[against].seconds, result["this tree"].seconds
                 wins = sum(b < a for a, b in zip(old, new, strict=True))
                 for name, r in result.items():
@@ -189,11 +197,14 @@ def run(
     command = f"python bench/train_ab.py --against {against} --rounds {rounds} --steps {steps}"
     if presets != PRESETS:
         command += " --presets " + ",".join(presets)
+    if precision != "auto":
+        command += f" --precision {precision}"
     note = (
         f"Batch {batch}, {rounds} rounds of {steps} steps per code, turns alternating (`{command}`); peak: the best "
         f"of a 2048² matmul and a 3x3 conv ({peak_text})."
     )
-    title = f"### Training step against {against} (interleaved, batch {batch})"
+    forced = "" if precision == "auto" else f", {precision} in both"
+    title = f"### Training step against {against} (interleaved, batch {batch}{forced})"
     return f"{title}\n\n{machine()}\n\n{note}\n\n" + table(header, rows) + "\n"
 
 
@@ -204,9 +215,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--presets", default=",".join(PRESETS), help="comma-separated (default: %(default)s)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="both codes' precision")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO)
-    log.info("\n%s", run(args.against, args.rounds, args.steps, args.batch, tuple(args.presets.split(","))))
+    presets = tuple(args.presets.split(","))
+    log.info("\n%s", run(args.against, args.rounds, args.steps, args.batch, presets, args.precision))
 
 
 if __name__ == "__main__":
