@@ -201,15 +201,21 @@ def test_decode_of_mutated_png_headers(tail: bytes, size: int) -> None:
         assert status_for(exc) in (413, 415, 422)
 
 
+def _json_containers(children: st.SearchStrategy[object]) -> st.SearchStrategy[object]:
+    return st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4)
+
+
+# Named functions, not lambdas: to describe a lambda, hypothesis reads its source and walks sys.modules, which
+# the server's threads may be importing into meanwhile ("dictionary changed size during iteration", seen once).
 json_values = st.recursive(
     st.none() | st.booleans() | st.floats(allow_nan=True, allow_infinity=True) | st.integers() | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    _json_containers,
     max_leaves=12,
 )
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.one_of(st.text(max_size=200), json_values.map(lambda v: json.dumps(v))))
+@given(st.one_of(st.text(max_size=200), json_values.map(json.dumps)))
 def test_edits_parser_accepts_only_valid_objects(text: str) -> None:
     try:
         edits = parse_edits(text, ATTRS)
