@@ -63,6 +63,24 @@ def test_kid_of_identical_feature_sets_is_zero_in_expectation_and_positive_for_s
     assert fid(a, b + 1.0) > fid(a, b)
 
 
+@pytest.mark.parametrize(("n_a", "n_b", "dims"), [(12, 15, 40), (300, 250, 24)])  # fewer samples than dims; more
+def test_fid_equals_the_matrix_square_root_form(n_a: int, n_b: int, dims: int) -> None:
+    from scipy import linalg
+
+    rng = np.random.default_rng(1)
+    mix = rng.normal(size=(dims, dims))
+    a = np.maximum(rng.normal(size=(n_a, dims)) @ mix, 0)  # non-negative and correlated, as Inception's pool features
+    b = np.maximum((rng.normal(size=(n_b, dims)) + 0.3) @ mix, 0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    reference = (
+        ((a.mean(0) - b.mean(0)) ** 2).sum()
+        + np.trace(cov_a)
+        + np.trace(cov_b)
+        - 2 * np.trace(linalg.sqrtm(cov_a @ cov_b)).real
+    )
+    assert fid(a, b) == pytest.approx(reference, rel=1e-6)
+
+
 @pytest.mark.slow
 def test_inception_kid_sees_noise_and_caches_real_features(tmp_path: Path) -> None:
     path = _inception_or_skip()
