@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 IMAGES = ROOT.parent / "shared" / "datasets" / "celebahq-128" / "images"
 #: Relative size of fp32's rounding, for the float64 sensitivity column.
 FP32_ROUNDING = 6e-8
-#: Activations with a continuous derivative, in place of LeakyReLU (`--activation`).
+#: Activations in place of LeakyReLU (`--activations`): CELU's first derivative is continuous, SiLU smooth.
 SMOOTH: dict[str, Callable[[], nn.Module]] = {"celu": lambda: nn.CELU(0.5), "silu": nn.SiLU}
 ACTIVATION_TITLES = {
     "leaky_relu": "LeakyReLU(0.2) (as trained)",

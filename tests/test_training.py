@@ -929,7 +929,6 @@ def test_preservation_leaving_out_implied_attributes() -> None:
 def test_discriminator_loss_adds_the_fake_classification_term_only_when_asked(
     prepared_cache: Path, tmp_path: Path
 ) -> None:
-
     cfg = tiny_config(prepared_cache, tmp_path)
     trainer = Trainer(cfg, tmp_path / "run")
     x_real, c_src, c_trg = trainer._batch(0, torch.Generator().manual_seed(0))
@@ -953,7 +952,6 @@ def test_discriminator_loss_adds_the_fake_classification_term_only_when_asked(
 def test_discriminator_loss_on_joint_batches_equals_the_separate_passes(
     prepared_cache: Path, tmp_path: Path, use_r1: bool
 ) -> None:
-
     cfg = tiny_config(prepared_cache, tmp_path, precision="fp32")
     trainer = Trainer(cfg, tmp_path / "run")
     assert trainer.D.config.norm == "instance"  # each image normalised on its own: one pass or two agree
@@ -1159,7 +1157,7 @@ def test_a_failing_compile_leaves_training_eager(
     )
     eager.G.load_state_dict(failing.G.state_dict())
     eager.D.load_state_dict(failing.D.state_dict())
-    for _ in range(2):  # step 0 is an R1 step (D eager anyway), step 1 is not
+    for _ in range(2):  # step 0 is an R1 step, step 1 is not
         failing.train_step()
         eager.train_step()
     assert failing._compiled_pass is False and failing._compiled_D is False

@@ -174,6 +174,11 @@ class TrainConfig:
                 f"not all 0; got {self.flip_weights}"
             )
 
+    @property
+    def uses_r1(self) -> bool:
+        """Whether D's updates carry the lazy R1 penalty (every ``r1_interval``-th step)."""
+        return self.gan_loss == "nsgan" and self.r1_gamma > 0
+
     def to_dict(self) -> dict[str, Any]:
         return config_to_dict(self)
 

@@ -221,7 +221,7 @@ class Trainer:
             else:
                 with torch.no_grad(), self._autocast():
                     x_fake = self.G(x_real, cond)[0].float()
-            use_r1 = cfg.gan_loss == "nsgan" and cfg.r1_gamma > 0 and step % cfg.r1_interval == 0
+            use_r1 = cfg.uses_r1 and step % cfg.r1_interval == 0
             r1_pass = self._compiled_r1 if use_r1 else None
             # a double backward through D (R1 unless compiled as one function, WGAN-GP): eager, batches apart
             double_backward = cfg.gan_loss == "wgan" or (use_r1 and r1_pass is None)
@@ -319,7 +319,6 @@ class Trainer:
         x_fake = x_fake.detach()
         joint = self.joint_d_batches
         x_update = torch.cat([x_real, x_fake.float()]) if joint else x_real
-        uses_r1 = self.cfg.gan_loss == "nsgan" and self.cfg.r1_gamma > 0
 
         def real_pass_with_r1(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             return losses.real_pass_with_r1(discriminator, x, autocast)
@@ -334,7 +333,7 @@ class Trainer:
                 with self._autocast():
                     outputs = compiled(x_update)
                 torch.autograd.grad(sum(t.float().sum() for t in outputs), params)
-                if uses_r1:  # an R1 step: the real pass with its penalty, the fake batch alone
+                if self.cfg.uses_r1:  # an R1 step: the real pass with its penalty, the fake batch alone
                     with self._autocast():
                         outputs = (*compiled_r1(x_real), *(compiled(x_fake.float()) if joint else ()))
                     torch.autograd.grad(sum(t.float().sum() for t in outputs), params)
@@ -352,7 +351,7 @@ class Trainer:
 
         if not self._trial_compile("the discriminator", self.D, trial):
             return False
-        self._compiled_r1 = compiled_r1 if uses_r1 else None
+        self._compiled_r1 = compiled_r1 if self.cfg.uses_r1 else None
         return compiled
 
     def _trial_compile(self, what: str, network: nn.Module, trial: Callable[[], None]) -> bool:
