@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from models.device import machine_description
-from models.precision import cpu_has_bf16_units, describe_cpu_bf16
+from models.precision import cpu_has_bf16_units, describe_cpu_bf16, isa_caps
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT.parent / "shared" / "photos"
@@ -37,6 +37,9 @@ def machine_kind() -> str:
     """What sets a machine's tables apart: the CPU model and whether it has bf16 units. ``run_all``
     titles each section with it, so each kind of machine keeps its own tables in RESULTS.md."""
     cpu = machine_description().split(",")[0]
+    caps = isa_caps()
+    if caps:  # a stand-in for another kind of CPU (models.precision.isa_caps) keeps tables of its own
+        cpu += " capped at " + "/".join(dict.fromkeys(v.upper() for v in caps.values()))
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
     units = "bf16 units" if cpu_has_bf16_units() else "no bf16 units"
     return ", ".join(x for x in (cpu, units, gpu) if x)

@@ -30,6 +30,7 @@ from torch import nn
 from models.blocks import ResizeConv
 from models.checkpoint import load_pretrained
 from models.generators import AttributeGenerator, Encoded
+from models.precision import separate_inductor_cache
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         os.nice(19)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
+    separate_inductor_cache()  # under an instruction-set cap, a cache of the cap's own (models.precision)
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)

@@ -40,6 +40,7 @@ import torch
 from models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save_pretrained
 from models.device import has_cxx_compiler
 from models.generators import Encoded
+from models.precision import isa_caps
 from server.admission import QuietTimer
 from server.served_models import ModelRegistry, ServedGenerator, layout_name, run_here
 
@@ -125,8 +126,9 @@ def _code_digest() -> str:
 
 
 def _machine_digest(device: torch.device) -> str:
-    """The machine a package's native code was built for: torch, the CPU's instruction sets, the GPU."""
-    parts = [torch.__version__, torch.backends.cpu.get_cpu_capability(), str(device.type)]
+    """The machine a package's native code was built for: torch, the CPU's instruction sets (and any cap
+    set on them, ``models.precision.isa_caps``), the GPU."""
+    parts = [torch.__version__, torch.backends.cpu.get_cpu_capability(), str(device.type), str(isa_caps())]
     with contextlib.suppress(OSError):
         flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
         parts.append(" ".join(sorted(flags.split(":", 1)[-1].split())))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -55,6 +56,52 @@ def test_auto_precision_is_fp32_without_bf16_units(monkeypatch: pytest.MonkeyPat
     assert resolve_precision("auto", "cpu") == "bf16"
     with pytest.raises(ValueError, match="precision"):
         resolve_precision("fp8", "cpu")
+
+
+def test_an_isa_cap_below_bf16_means_no_bf16_units(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ONEDNN_MAX_CPU_ISA=AVX2`` on a Xeon with AMX: oneDNN would emulate bf16, so ``auto`` is fp32 and
+    the bench files its tables apart from the uncapped machine's."""
+    import models.precision as precision
+    from bench.common import machine_kind
+
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    precision.cpu_has_bf16_units.cache_clear()
+    try:
+        assert precision.cpu_has_bf16_units() and "capped" not in machine_kind()
+        assert resolve_precision("auto", "cpu") == "bf16"
+        for cap, units in (("avx2", False), ("AVX512_CORE", False), ("AVX512_CORE_BF16", True), ("ALL", True)):
+            monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+            precision.cpu_has_bf16_units.cache_clear()
+            assert precision.cpu_has_bf16_units() is units, cap
+            assert resolve_precision("auto", "cpu") == ("bf16" if units else "fp32")
+            assert f"capped at {cap.upper()}" in machine_kind()
+            assert ("no bf16 units in use" in precision.describe_cpu_bf16()) is not units
+    finally:
+        precision.cpu_has_bf16_units.cache_clear()
+
+
+def test_an_isa_cap_gets_an_inductor_cache_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inductor's graph cache does not key on the vector ISA: a graph generated under a cap and run without
+    it corrupted the heap. Each cap gets its own directory; none without a cap; an explicit one is kept."""
+    from models.precision import separate_inductor_cache
+
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert separate_inductor_cache() is None and "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    dirs = set()
+    for cap in ("avx2", "avx512", "default"):
+        monkeypatch.setenv("ATEN_CPU_CAPABILITY", cap)
+        monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+        path = separate_inductor_cache()
+        assert path is not None and os.environ["TORCHINDUCTOR_CACHE_DIR"] == path and cap in Path(path).name
+        dirs.add(path)
+    assert len(dirs) == 3
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/chosen")
+    assert separate_inductor_cache() == "/somewhere/chosen"
 
 
 def test_no_bf16_trial_at_start_up_without_bf16_units(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
