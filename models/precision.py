@@ -22,6 +22,8 @@ PRECISIONS = ("auto", "fp32", "bf16")
 #: oneDNN instruction-set caps (``ONEDNN_MAX_CPU_ISA``) below its bf16 instructions: under one of them
 #: oneDNN emulates bf16, as on a CPU without bf16 units, whatever the CPU has.
 ISA_CAPS_WITHOUT_BF16 = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI"})
+#: The environment variables that cap an instruction set: oneDNN's (and its older name), ATen's and inductor's, MKL's.
+ISA_CAP_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
 
 
 def isa_caps() -> dict[str, str]:
@@ -30,12 +32,7 @@ def isa_caps() -> dict[str, str]:
     (``MKL_ENABLE_INSTRUCTIONS``). ``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
     MKL_ENABLE_INSTRUCTIONS=AVX2`` makes a Xeon compute as an AVX2-only CPU (an AMD EPYC without bf16
     units) does: the bench's stand-in for one."""
-    caps = {}
-    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS"):
-        value = os.environ.get(name, "").strip()
-        if value:
-            caps[name] = value
-    return caps
+    return {name: os.environ[name].strip() for name in ISA_CAP_VARIABLES if os.environ.get(name, "").strip()}
 
 
 def separate_inductor_cache() -> str | None:
@@ -46,9 +43,9 @@ def separate_inductor_cache() -> str | None:
     vector width its C++ was generated for, while the C++ is compiled for the ISA at hand. A training graph
     generated under ``ATEN_CPU_CAPABILITY=avx2`` (8-float vectors), then run without the cap on the same
     Xeon, was compiled with AVX-512's 16-float vectors: its kernels stored past their buffers and glibc
-    aborted ("corrupted double-linked list"); the other way round, the capped run's training step took 1.7x as long
-    (oneDNN's backward convolutions 5x slower on what those kernels wrote). Called when this module is
-    imported, so every process of the project (trainer, server, compile worker, bench) and its children
+    aborted ("corrupted double-linked list"); the other way round, the capped run's training step took 1.7x
+    as long (oneDNN's backward convolutions 5x slower on what those kernels wrote). Called when this module
+    is imported, so every process of the project (trainer, server, compile worker, bench) and its children
     use the cap's cache."""
     caps = isa_caps()
     if not caps:
@@ -61,18 +58,18 @@ def separate_inductor_cache() -> str | None:
     return os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
-def onednn_isa_cap() -> str | None:
-    """oneDNN's instruction-set cap, upper-cased (``AVX2``), or None when it has none."""
+def bf16_capped_off() -> bool:
+    """Whether oneDNN's instruction-set cap stops below its bf16 instructions (:data:`ISA_CAPS_WITHOUT_BF16`)."""
     caps = isa_caps()
-    cap = caps.get("ONEDNN_MAX_CPU_ISA") or caps.get("DNNL_MAX_CPU_ISA")
-    return cap.upper() if cap else None
+    cap = caps.get("ONEDNN_MAX_CPU_ISA") or caps.get("DNNL_MAX_CPU_ISA") or ""
+    return cap.upper() in ISA_CAPS_WITHOUT_BF16
 
 
 @functools.cache
 def cpu_has_bf16_units() -> bool:
     """True where the CPU computes bf16 natively (AMX tiles or avx512-bf16) and oneDNN may use them (no
     ``ONEDNN_MAX_CPU_ISA`` cap below its bf16 instructions)."""
-    if onednn_isa_cap() in ISA_CAPS_WITHOUT_BF16:
+    if bf16_capped_off():
         return False
     probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
     for name in probes:
@@ -120,7 +117,7 @@ def describe_cpu_bf16() -> str:
     caps = isa_caps()
     if caps:
         text += ", capped: " + " ".join(f"{k}={v}" for k, v in caps.items())
-        if onednn_isa_cap() in ISA_CAPS_WITHOUT_BF16:
+        if bf16_capped_off():
             text += " (no bf16 units in use)"
     return text
 

@@ -14,7 +14,7 @@ import torch
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from models.precision import resolve_precision
+from models.precision import ISA_CAP_VARIABLES, resolve_precision
 from server.app import create_app
 from server.boot import BootApp
 from server.config import Settings
@@ -64,7 +64,7 @@ def test_an_isa_cap_below_bf16_means_no_bf16_units(monkeypatch: pytest.MonkeyPat
     import models.precision as precision
     from bench.common import machine_kind
 
-    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS"):
+    for name in ISA_CAP_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
@@ -88,7 +88,7 @@ def test_an_isa_cap_gets_an_inductor_cache_of_its_own(monkeypatch: pytest.Monkey
     it corrupted the heap. Each cap gets its own directory; none without a cap; an explicit one is kept."""
     from models.precision import separate_inductor_cache
 
-    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS"):
+    for name in ISA_CAP_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     assert separate_inductor_cache() is None and "TORCHINDUCTOR_CACHE_DIR" not in os.environ
