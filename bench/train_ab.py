@@ -9,8 +9,9 @@ median images/s, the ratio of the medians, in how many rounds the newer code was
 the per-round ratios (robust to the VM's swings between rounds), and the
 FLOPs of a step (``torch.utils.flop_counter``) with its share of the measured peak.
 
-Run: ``python bench/train_ab.py [--against 616a571] [--rounds 8] [--steps 2] [--precision fp32]``. The default baseline
-is the code when the training-speed target was set (issue 15; fp32 on a CPU without bf16 units).
+Run: ``python bench/train_ab.py [--against 616a571] [--rounds 8] [--steps 2] [--precision fp32]
+[--set rec_fraction=0.25]``. The default baseline is the code when the training-speed target was set
+(issue 15; fp32 on a CPU without bf16 units); ``--set`` changes this tree's recipe only.
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from bench.common import ROOT, machine, table
 from bench.train_step import peak_flops
+from training.cli import parse_settings
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +79,7 @@ for line in sys.stdin:
 class Worker:
     """A process training ``preset`` with the code in ``tree``; :meth:`time` runs steps on request."""
 
-    def __init__(self, tree: Path, preset: str, batch: int, size: int, overrides: dict[str, str]) -> None:
+    def __init__(self, tree: Path, preset: str, batch: int, size: int, overrides: dict[str, Any]) -> None:
         env = dict(os.environ, TRAIN_AB_TREE=str(tree), PYTHONPATH="")
         self.proc = subprocess.Popen(
             [sys.executable, "-c", WORKER, preset, str(batch), str(size), json.dumps(overrides)],
@@ -123,11 +126,17 @@ def compare(
     steps: int,
     batch: int,
     size: int = 128,
-    overrides: dict[str, str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    tree_overrides: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Timings]:
     """Each tree's seconds per step, ``rounds`` turns each, the order alternating from round to round.
-    ``size``: the preset's image size; ``overrides``: TrainConfig fields (e.g. a tiny discriminator)."""
-    workers = {name: Worker(tree, preset, batch, size, overrides or {}) for name, tree in trees.items()}
+    ``size``: the preset's image size; ``overrides``: TrainConfig fields of both (e.g. a tiny discriminator);
+    ``tree_overrides``: fields of one tree's config only (a recipe change the other code does not know)."""
+    tree_overrides = tree_overrides or {}
+    workers = {
+        name: Worker(tree, preset, batch, size, (overrides or {}) | tree_overrides.get(name, {}))
+        for name, tree in trees.items()
+    }
     out = {name: Timings([], w.flops, w.precision) for name, w in workers.items()}
     try:
         names = list(trees)
@@ -155,9 +164,12 @@ def run(
     batch: int = 16,
     presets: tuple[str, ...] = PRESETS,
     precision: str = "auto",
+    settings: dict[str, Any] | None = None,
 ) -> str:
     """``precision``: both codes' ``TrainConfig.precision`` (``fp32`` times the path of a CPU without bf16 units
-    on one that has them)."""
+    on one that has them); ``settings``: TrainConfig fields of this tree's trainer only (``--set``, e.g. a
+    recipe's ``rec_fraction``), named in the table's title."""
+    settings = settings or {}
     rows, peaks = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         old_tree = Path(tmp) / "tree"
@@ -166,7 +178,9 @@ def run(
             trees = {against: old_tree, "this tree": ROOT}
             for preset in presets:
                 overrides = {} if precision == "auto" else {"precision": precision}
-                result = compare(trees, preset, rounds, steps, batch, overrides=overrides)
+                result = compare(
+                    trees, preset, rounds, steps, batch, overrides=overrides, tree_overrides={"this tree": settings}
+                )
                 old, new = result[against].seconds, result["this tree"].seconds
                 wins = sum(b < a for a, b in zip(old, new, strict=True))
                 for name, r in result.items():
@@ -199,12 +213,14 @@ def run(
         command += " --presets " + ",".join(presets)
     if precision != "auto":
         command += f" --precision {precision}"
+    command += "".join(f" --set {k}={v}" for k, v in settings.items())
     note = (
         f"Batch {batch}, {rounds} rounds of {steps} steps per code, turns alternating (`{command}`); peak: the best "
         f"of a 2048² matmul and a 3x3 conv ({peak_text})."
     )
     forced = "" if precision == "auto" else f", {precision} in both"
-    title = f"### Training step against {against} (interleaved, batch {batch}{forced})"
+    recipe = "".join(f", this tree with {k}={v}" for k, v in settings.items())
+    title = f"### Training step against {against} (interleaved, batch {batch}{forced}{recipe})"
     return f"{title}\n\n{machine()}\n\n{note}\n\n" + table(header, rows) + "\n"
 
 
@@ -216,10 +232,18 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--presets", default=",".join(PRESETS), help="comma-separated (default: %(default)s)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="both codes' precision")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a TrainConfig field of this tree's trainer only (a recipe change, e.g. rec_fraction=0.25); repeatable",
+    )
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO)
     presets = tuple(args.presets.split(","))
-    log.info("\n%s", run(args.against, args.rounds, args.steps, args.batch, presets, args.precision))
+    settings = parse_settings(args.set)
+    log.info("\n%s", run(args.against, args.rounds, args.steps, args.batch, presets, args.precision, settings))
 
 
 if __name__ == "__main__":

@@ -55,12 +55,15 @@ def test_the_interleaved_training_bench_times_each_tree_in_turn() -> None:
     from bench.train_ab import compare
 
     tiny = {"disc_preset": "discriminator-tiny"}
-    result = compare({"a": ROOT, "b": ROOT}, "stgan-tiny", rounds=3, steps=1, batch=4, size=32, overrides=tiny)
-    assert list(result) == ["a", "b"]
+    trees = {"a": ROOT, "b": ROOT, "c": ROOT}
+    recipe = {"c": {"rec_fraction": 0.5}}  # c's config only
+    result = compare(trees, "stgan-tiny", rounds=3, steps=1, batch=4, size=32, overrides=tiny, tree_overrides=recipe)
+    assert list(result) == ["a", "b", "c"]
     for timings in result.values():
         assert len(timings.seconds) == 3 and all(t > 0 for t in timings.seconds)
         assert timings.precision in ("fp32", "bf16")
     assert result["a"].flops == result["b"].flops > 0  # the same code counts the same step
+    assert result["c"].flops < 0.9 * result["a"].flops  # half the batch reconstructed
 
 
 def test_the_per_round_speedup_pairs_turns_of_one_round() -> None:

@@ -1237,3 +1237,67 @@ def test_a_compiled_generator_pass_computes_the_eager_one(prepared_cache: Path, 
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
     compiled.train_step()  # a whole step (D's update, G's loss and backward) with the compiled pass
     assert compiled.step == 1
+
+
+@pytest.mark.parametrize("preset", ["stgan-tiny", "mugan-tiny"])
+def test_rec_fraction_reconstructs_the_first_faces_of_the_batch_and_edits_them_all(
+    prepared_cache: Path, tmp_path: Path, preset: str
+) -> None:
+    """``rec_fraction`` 0.25: the edit covers the whole batch, the reconstruction its first quarter, each
+    face's outputs those of the whole pass (BatchNorm in eval mode, so a face does not depend on its
+    batch), the reconstruction losses read the faces reconstructed, and the step does fewer FLOPs."""
+    from contextlib import nullcontext
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from training import losses
+
+    # no R1 (FlopCounterMode's module hooks cannot follow its autograd.grad)
+    cfg = tiny_config(
+        prepared_cache, tmp_path, preset=preset, precision="fp32", compile_generator="off", batch_size=8, r1_gamma=0.0
+    )
+    part, whole = (
+        Trainer(dataclasses.replace(cfg, rec_fraction=0.25), tmp_path / "part"),
+        Trainer(cfg, tmp_path / "whole"),
+    )
+    part.G.load_state_dict(whole.G.state_dict())
+    part.D.load_state_dict(whole.D.state_dict())
+    gen_part, gen_whole = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    x_real, c_src, c_trg = part._batch(0, gen_part)
+    cond, cond_rec = part._conditions(c_src, c_trg, gen_part)
+    assert whole._batch(0, gen_whole)[0].equal(x_real)
+    cond_w, cond_rec_w = whole._conditions(c_src, c_trg, gen_whole)
+    assert cond.equal(cond_w) and cond_rec.shape[0] == 2 and cond_rec.equal(cond_rec_w[:2])
+
+    part.G.eval(), whole.G.eval()
+    with torch.no_grad():
+        got = losses.generator_pass(part.G, x_real, cond, cond_rec, nullcontext, cfg.joint_decode)
+        want = losses.generator_pass(whole.G, x_real, cond_w, cond_rec_w, nullcontext, cfg.joint_decode)
+    torch.testing.assert_close(got.x_fake, want.x_fake, atol=1e-5, rtol=1e-4)
+    assert got.x_rec_raw.shape[0] == 2
+    torch.testing.assert_close(got.x_rec_raw, want.x_rec_raw[:2], atol=1e-5, rtol=1e-4)
+    if want.mask_rec is not None:
+        torch.testing.assert_close(got.mask_rec, want.mask_rec[:2], atol=1e-5, rtol=1e-4)
+
+    # the reconstruction terms compare the reconstructions with the faces reconstructed
+    _, logs = losses.generator_loss(
+        got, part.D, x_real, c_src, c_trg, part.cfg,
+        background_weight=part.background_weight, mask_weight_map=part.mask_weight_map, autocast=nullcontext,
+    )  # fmt: skip
+    x_rec = got.x_rec_raw if got.mask_rec is None else got.mask_rec * got.x_rec_raw + (1 - got.mask_rec) * x_real[:2]
+    assert logs["g_rec"] == pytest.approx((x_rec - x_real[:2]).abs().mean().item(), rel=1e-5)
+
+    part.G.train(), whole.G.train()
+    flops = {}
+    for name, trainer in (("part", part), ("whole", whole)):
+        with FlopCounterMode(display=False) as counter:
+            logs = trainer.train_step()
+        assert np.isfinite(logs["g_loss"]) and np.isfinite(logs["d_loss"])
+        flops[name] = counter.get_total_flops()
+    assert flops["part"] < 0.85 * flops["whole"]
+
+
+def test_rec_fraction_must_be_a_share_of_the_batch() -> None:
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="rec_fraction"):
+            TrainConfig(rec_fraction=bad)

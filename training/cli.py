@@ -19,7 +19,8 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def _overrides(pairs: list[str]) -> dict[str, Any]:
+def parse_settings(pairs: list[str]) -> dict[str, Any]:
+    """``--set key=value`` pairs as TrainConfig fields (values read as JSON where they parse)."""
     out = {}
     for pair in pairs:
         if "=" not in pair:
@@ -56,7 +57,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     run_dir = Path(args.run)
     ckpt = run_dir / "checkpoints" / "last.safetensors"
-    overrides = _overrides(args.set)
+    overrides = parse_settings(args.set)
     if args.resume and ckpt.is_file():
         _, meta = read_training_checkpoint(ckpt)
         data = json.loads(meta["train_config"]) | overrides

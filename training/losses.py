@@ -272,8 +272,9 @@ def discriminator_loss(
 @dataclass(frozen=True)
 class GeneratorPass:
     """One step's generator outputs (with their graph): the edit, and the reconstruction at zero
-    difference from the same encoding. D's update reads ``x_fake`` detached and G's loss reads it
-    whole, so a step runs the generator once (n_critic 1)."""
+    difference from the same encoding (of the batch's first faces where ``rec_fraction`` < 1). D's
+    update reads ``x_fake`` detached and G's loss reads it whole, so a step runs the generator once
+    (n_critic 1)."""
 
     x_fake: torch.Tensor
     mask_fake: torch.Tensor
@@ -289,7 +290,8 @@ def generator_pass(
     autocast: Callable[[], AbstractContextManager[Any]],
     joint: bool = True,
 ) -> GeneratorPass:
-    """Encode ``x_real`` once, decode it with the edit's condition and with the reconstruction's.
+    """Encode ``x_real`` once, decode it with the edit's condition and, for its first
+    ``len(cond_rec)`` faces, with the reconstruction's.
 
     ``joint``: both decodes run as one batch, so the decoder's BatchNorm layers normalise edits and
     reconstructions with the same statistics, as they do at inference with their running (or
@@ -302,13 +304,14 @@ def generator_pass(
         # the decoder's condition-free terms (STU gate terms, the bottleneck's first convolutions) once
         # per face, shared by the edit and the reconstruction: the same sums, fewer multiply-adds
         encoded = generator.prepare_decode(generator.encode(x_real))
+        n, n_rec = x_real.shape[0], cond_rec.shape[0]
+        encoded_rec = encoded if n_rec == n else encoded.select(slice(0, n_rec))
         if joint:
-            n = x_real.shape[0]
-            raw, mask = generator.decode_parts(Encoded.cat([encoded, encoded]), torch.cat([cond, cond_rec]))
+            raw, mask = generator.decode_parts(Encoded.cat([encoded, encoded_rec]), torch.cat([cond, cond_rec]))
             x_fake, mask_fake = generator.blend(raw[:n], None if mask is None else mask[:n], encoded.x)
             return GeneratorPass(x_fake, mask_fake, raw[n:], None if mask is None else mask[n:])
         x_fake, mask_fake = generator.decode(encoded, cond)
-        x_rec_raw, mask_rec = generator.decode_parts(encoded, cond_rec)
+        x_rec_raw, mask_rec = generator.decode_parts(encoded_rec, cond_rec)
     return GeneratorPass(x_fake, mask_fake, x_rec_raw, mask_rec)
 
 
@@ -331,13 +334,14 @@ def generator_loss(
     x_fake, mask_fake, x_rec_raw, mask_rec = g_pass.x_fake, g_pass.mask_fake, g_pass.x_rec_raw, g_pass.mask_rec
     with autocast():
         fake_adv, fake_cls = discriminator(x_fake)
-    x_rec = x_rec_raw if mask_rec is None else mask_rec * x_rec_raw + (1 - mask_rec) * x_real
+    x_real_rec = x_real[: x_rec_raw.shape[0]]  # the faces reconstructed (``rec_fraction``)
+    x_rec = x_rec_raw if mask_rec is None else mask_rec * x_rec_raw + (1 - mask_rec) * x_real_rec
     g_adv, lg = g_adversarial(fake_adv, cfg.gan_loss)
     logs |= lg
     implied = implied_changes(c_src, c_trg, cfg.attributes) if cfg.free_implied_attributes else None
     g_cls, lg = attribute_bce(fake_cls, c_trg, "g_cls", weight=None if implied is None else 1 - implied)
     logs |= lg
-    g_rec, lg = reconstruction_l1(x_rec, x_real)
+    g_rec, lg = reconstruction_l1(x_rec, x_real_rec)
     logs |= lg
     g_loss = g_adv + cfg.lambda_g_cls * g_cls + cfg.lambda_rec * g_rec
     if cfg.lambda_background > 0:
@@ -357,7 +361,7 @@ def generator_loss(
     if mask_rec is not None:  # a mask head
         # The raw decoder output must reconstruct too: then opening the mask costs the
         # reconstruction nothing, and the mask is free to mark only what an edit changes.
-        g_rec_raw, _ = reconstruction_l1(x_rec_raw, x_real)
+        g_rec_raw, _ = reconstruction_l1(x_rec_raw, x_real_rec)
         logs["g_rec_raw"] = g_rec_raw.item()
         g_loss = g_loss + cfg.lambda_rec_raw * g_rec_raw
         edited = (c_trg != c_src).any(dim=1)

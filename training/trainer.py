@@ -156,14 +156,15 @@ class Trainer:
         self, c_src: torch.Tensor, c_trg: torch.Tensor, gen: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The generator's conditions for the edit (difference scaled by U(1, diff_scale_max)) and for
-        the reconstruction (zero difference)."""
+        the reconstruction (zero difference) of the batch's first faces (``rec_fraction``)."""
         mode = self.G.config.conditioning
         scale: float | torch.Tensor = 1.0
         if self.cfg.diff_scale_max > 1.0:  # drawn after everything else, so older recipes keep their randomness
             u = torch.rand(c_src.shape[0], 1, generator=gen).to(self.device)
             scale = 1.0 + (self.cfg.diff_scale_max - 1.0) * u
         cond = condition_vector(c_src, c_trg - c_src, mode, scale)
-        cond_rec = condition_vector(c_src, torch.zeros_like(c_src), mode)
+        n_rec = max(1, round(self.cfg.rec_fraction * c_src.shape[0]))
+        cond_rec = condition_vector(c_src[:n_rec], torch.zeros_like(c_src[:n_rec]), mode)
         return cond, cond_rec
 
     def recompute_ema_batchnorm(self) -> int:
