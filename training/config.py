@@ -102,7 +102,7 @@ class TrainConfig:
     #: Share of the batch also decoded at zero difference for the reconstruction terms (``lambda_rec``,
     #: ``lambda_rec_raw``, ``lambda_mask_rec``): the first ``max(1, round(f * B))`` faces of each
     #: (shuffled) batch. Every face is still edited. The reconstruction is a second decode of the batch,
-    #: about 43 % of a STGAN-cpu step's multiply-adds at 1; at 0.25 a step does 1.37x fewer (MU-GAN-cpu
+    #: about 36 % of a STGAN-cpu step's multiply-adds at 1; at 0.25 a step does 1.37x fewer (MU-GAN-cpu
     #: 1.43x), but warm-started from the served STGAN it edited 2-3 points less at every validation of a
     #: 2,000-step A/B (bench/RESULTS.md), so the recipes keep 1.
     rec_fraction: float = 1.0
