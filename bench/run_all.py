@@ -47,6 +47,7 @@ def benchmarks(weights: Path, quick: bool) -> dict[str, Callable[[], str]]:
         "encode": lambda: _bench("encode").run(3 if q else 10),
         "detect": lambda: _bench("detect").run(3 if q else 12),
         "r1_precision": lambda: _bench("r1_precision").run(2 if q else 6),
+        "g_precision": lambda: _bench("g_precision").run(weights, batches=1 if q else 3),
         "cuda": lambda: _bench("gpu").run_for_results(weights, quick=q),
     }
 

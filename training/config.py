@@ -104,7 +104,7 @@ class TrainConfig:
     #: (shuffled) batch. Every face is still edited. The reconstruction is a second decode of the batch,
     #: about 36 % of a STGAN-cpu step's multiply-adds at 1; at 0.25 a step does 1.37x fewer (MU-GAN-cpu
     #: 1.43x), but warm-started from the served STGAN it edited 2-3 points less at every validation of a
-    #: 2,000-step A/B (bench/RESULTS.md), so the recipes keep 1.
+    #: 2,000-step A/B; the same A/B on MU-GAN was level within its noise (bench/RESULTS.md). Recipes keep 1.
     rec_fraction: float = 1.0
     #: G's BatchNorm layers run with fixed statistics in training (eval mode; their scale and shift still
     #: learn), so a face's edit no longer depends on the other faces of its batch and training computes

@@ -271,6 +271,27 @@ class Trainer:
         self.images_seen += cfg.batch_size
         return logs
 
+    def generator_objective(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """G's loss on ``step``'s batch and conditions with D as it is now, updating nothing: the
+        quantity the generator half of :meth:`train_step` minimises (there D has just taken its step).
+        For diagnostics such as bench/g_precision.py; the caller calls ``backward``."""
+        gen = step_generator(self.cfg.seed, step)
+        x_real, c_src, c_trg = self._batch(step, gen)
+        cond, cond_rec = self._conditions(c_src, c_trg, gen)
+        g_pass = self.generator_pass(x_real, cond, cond_rec)
+        self.D.requires_grad_(False)
+        return losses.generator_loss(
+            g_pass,
+            self.discriminator(),
+            x_real,
+            c_src,
+            c_trg,
+            self.cfg,
+            background_weight=self.background_weight,
+            mask_weight_map=self.mask_weight_map,
+            autocast=self._autocast,
+        )
+
     def generator_pass(self, x_real: torch.Tensor, cond: torch.Tensor, cond_rec: torch.Tensor) -> losses.GeneratorPass:
         """:func:`losses.generator_pass` of G, compiled with ``torch.compile`` where ``compile_generator``
         says so (decided, compiled and tried at the first call)."""
