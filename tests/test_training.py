@@ -926,6 +926,30 @@ def test_preservation_leaving_out_implied_attributes() -> None:
     assert out["mean_preservation_excl_implied"] > out["mean_preservation"]
 
 
+def test_edit_success_is_also_reported_for_each_direction() -> None:
+    """A stand-in classifier that reads no attribute on any image: every edit that turns an attribute
+    off succeeds and every one that turns it on fails; the mean over both directions hides that."""
+    from models.registry import build, get_preset
+    from training.metrics import evaluate_generator
+
+    arch, g_cfg = get_preset("stgan-tiny")
+    attributes = tuple(g_cfg.attributes)
+
+    class ReadsNothing(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return -torch.ones(len(x), len(attributes))
+
+    labels = torch.zeros(4, len(attributes))
+    labels[:3, attributes.index("Male")] = 1  # three men, one woman: Male is turned off 3 times, on once
+    images = torch.zeros(4, 3, g_cfg.image_size, g_cfg.image_size)
+    out = evaluate_generator(
+        build(arch, g_cfg), images, labels, attributes, classifier=ReadsNothing(), classifier_attributes=attributes
+    )
+    assert out["edit_success"]["Male"] == 0.75
+    assert out["edit_success_off"]["Male"] == 1.0 and out["edit_success_on"]["Male"] == 0.0
+    assert out["edit_success_on"]["Bangs"] == 0.0 and out["edit_success_off"]["Bangs"] is None  # nobody had bangs
+
+
 def test_discriminator_loss_adds_the_fake_classification_term_only_when_asked(
     prepared_cache: Path, tmp_path: Path
 ) -> None:

@@ -76,9 +76,10 @@ def evaluate_generator(
     attribute's own: what the served model does at a slider's end); reconstruction uses a zero difference. With
     the run's ``discriminator`` (its classifier head over ``attributes``), ``d_edit_success`` is the share of
     the same edits D's classifier takes for flipped: far above ``edit_success``, the generator satisfies D with
-    something the independent classifier does not accept as the attribute. ``kept_flips`` adds, per edit, the
-    share of faces whose reading of each kept attribute changed (which ones cost preservation;
-    ``.ci/preservation_flips.py``).
+    something the independent classifier does not accept as the attribute. ``edit_success_on`` and
+    ``edit_success_off`` split ``edit_success`` by the edit's direction (attribute turned on / off).
+    ``kept_flips`` adds, per edit, the share of faces whose reading of each kept attribute changed (which
+    ones cost preservation; ``.ci/preservation_flips.py``).
     """
     from tqdm import tqdm
 
@@ -97,6 +98,9 @@ def evaluate_generator(
     psnrs_raw: list[float] = []
     ssims_raw: list[float] = []
     success = np.zeros(n_attr)
+    # by direction: [attribute, target value] (turned on = 1, turned off = 0)
+    success_to = np.zeros((n_attr, 2))
+    count_to = np.zeros((n_attr, 2))
     d_success = np.zeros(n_attr)
     preserved = np.zeros(n_attr)
     preserved_count = np.zeros(n_attr)
@@ -143,7 +147,11 @@ def evaluate_generator(
             if pred_src is None:
                 continue
             pred = classify(x_edit.float())
-            success[i] += (pred[:, i] == c_trg[:, i]).float().sum().item()
+            hit = (pred[:, i] == c_trg[:, i]).float()
+            success[i] += hit.sum().item()
+            turned_on = c_trg[:, i] > 0.5
+            success_to[i] += (hit[~turned_on].sum().item(), hit[turned_on].sum().item())
+            count_to[i] += ((~turned_on).sum().item(), turned_on.sum().item())
             keep = (c_trg == c_src).float()  # attributes this edit does not ask to change
             keep[:, i] = 0
             preserved[i] += ((pred == pred_src).float() * keep).sum().item()
@@ -170,6 +178,13 @@ def evaluate_generator(
         out["edit_success"] = {a: success[i] / n_total for i, a in enumerate(attributes)}
         out["preservation"] = {a: preserved[i] / max(preserved_count[i], 1) for i, a in enumerate(attributes)}
         out["mean_edit_success"] = float(np.mean(list(out["edit_success"].values())))
+        # the two directions apart (an attribute turned on, turned off): where an edit works only one way
+        # round, the mean hides it. None where no face of the images asked for that direction.
+        for key, value in (("edit_success_on", 1), ("edit_success_off", 0)):
+            out[key] = {
+                a: success_to[i, value] / count_to[i, value] if count_to[i, value] else None
+                for i, a in enumerate(attributes)
+            }
         out["mean_preservation"] = float(np.mean(list(out["preservation"].values())))
         out["preservation_excl_implied"] = {
             a: preserved_free[i] / max(preserved_free_count[i], 1) for i, a in enumerate(attributes)
