@@ -97,8 +97,7 @@ def evaluate_generator(
     ssims: list[float] = []
     psnrs_raw: list[float] = []
     ssims_raw: list[float] = []
-    success = np.zeros(n_attr)
-    # by direction: [attribute, target value] (turned on = 1, turned off = 0)
+    # edits the classifier reads as asked, by direction: [attribute, target value] (off = 0, on = 1)
     success_to = np.zeros((n_attr, 2))
     count_to = np.zeros((n_attr, 2))
     d_success = np.zeros(n_attr)
@@ -148,7 +147,6 @@ def evaluate_generator(
                 continue
             pred = classify(x_edit.float())
             hit = (pred[:, i] == c_trg[:, i]).float()
-            success[i] += hit.sum().item()
             turned_on = c_trg[:, i] > 0.5
             success_to[i] += (hit[~turned_on].sum().item(), hit[turned_on].sum().item())
             count_to[i] += ((~turned_on).sum().item(), turned_on.sum().item())
@@ -175,7 +173,7 @@ def evaluate_generator(
         out["d_edit_success"] = {a: d_success[i] / n_total for i, a in enumerate(attributes)}
         out["mean_d_edit_success"] = float(np.mean(d_success / n_total))
     if classifier is not None:
-        out["edit_success"] = {a: success[i] / n_total for i, a in enumerate(attributes)}
+        out["edit_success"] = {a: float(success_to[i].sum()) / n_total for i, a in enumerate(attributes)}
         out["preservation"] = {a: preserved[i] / max(preserved_count[i], 1) for i, a in enumerate(attributes)}
         out["mean_edit_success"] = float(np.mean(list(out["edit_success"].values())))
         # the two directions apart (an attribute turned on, turned off): where an edit works only one way

@@ -249,17 +249,7 @@ class Trainer:
 
         # ---- generator
         self.D.requires_grad_(False)
-        g_loss, lg = losses.generator_loss(
-            g_pass,
-            self.discriminator(),
-            x_real,
-            c_src,
-            c_trg,
-            cfg,
-            background_weight=self.background_weight,
-            mask_weight_map=self.mask_weight_map,
-            autocast=self._autocast,
-        )
+        g_loss, lg = self._generator_loss(g_pass, x_real, c_src, c_trg)
         logs |= lg
         self.opt_G.zero_grad(set_to_none=True)
         g_loss.backward()
@@ -278,8 +268,13 @@ class Trainer:
         gen = step_generator(self.cfg.seed, step)
         x_real, c_src, c_trg = self._batch(step, gen)
         cond, cond_rec = self._conditions(c_src, c_trg, gen)
-        g_pass = self.generator_pass(x_real, cond, cond_rec)
         self.D.requires_grad_(False)
+        return self._generator_loss(self.generator_pass(x_real, cond, cond_rec), x_real, c_src, c_trg)
+
+    def _generator_loss(
+        self, g_pass: losses.GeneratorPass, x_real: torch.Tensor, c_src: torch.Tensor, c_trg: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """:func:`losses.generator_loss` of ``g_pass`` with this run's D, loss weights and autocast."""
         return losses.generator_loss(
             g_pass,
             self.discriminator(),
