@@ -195,6 +195,14 @@ def test_classifier_evaluate_and_export(prepared_cache: Path, tmp_path: Path) ->
     val = [json.loads(line) for line in (tmp_path / "run" / "val_metrics.jsonl").read_text().splitlines()]
     assert len(val) == 1 and val[0]["step"] == 2
     assert set(val[0]["d_edit_success"]) == set(STGAN_ATTRIBUTES)  # D's verdict on the same edits
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"val/score", "val/mean_edit_success"} <= tags
+    assert {f"val_edit_success/{a}" for a in STGAN_ATTRIBUTES} <= tags  # each attribute's curve
+    assert events.Scalars("val_edit_success/Male")[0].value == pytest.approx(val[0]["edit_success"]["Male"])
     assert (tmp_path / "run" / "checkpoints" / "best.safetensors").is_file()
 
     meta = read_meta(prepared_cache)

@@ -1,4 +1,4 @@
-"""``python -m training <command>``: prepare, train, classifier, evaluate, calibrate, export, grid."""
+"""``python -m training <command>``: prepare, train, classifier, evaluate, calibrate, export, grid, compare."""
 
 from __future__ import annotations
 
@@ -237,6 +237,26 @@ def cmd_grid(args: argparse.Namespace) -> None:
     grid_command(args.model, args.cache_dir, args.split, args.out, args.n, args.offset, args.combined)
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from training.curves import SUMMARY, attribute_keys, compare_report, load_history, plot_curves
+
+    names = args.names.split(",") if args.names else [None] * len(args.runs)
+    if len(names) != len(args.runs):
+        raise SystemExit(f"--names gives {len(names)} names for {len(args.runs)} runs")
+    runs = [load_history(run, name) for run, name in zip(args.runs, names, strict=True)]
+    attributes = args.attributes.split(",") if args.attributes else None
+    report = compare_report(runs, attributes, args.directions)
+    sys.stdout.write(report)
+    if args.out:
+        Path(args.out).write_text(report)
+    if args.plot:
+        if attributes is None:
+            attributes = list(next(iter(runs[0].by_step.values()), {}).get("edit_success", {}))
+        panels = list(SUMMARY) + attribute_keys(attributes, args.directions)
+        plot_curves(runs, panels).save(args.plot)
+        log.info("wrote %s (%d panels, %d runs)", args.plot, len(panels), len(runs))
+
+
 def _precision_args(s: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 only with bf16 units"
@@ -371,6 +391,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batches", type=int, default=32, help="batches of 16 training faces")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_recompute_bn)
+
+    s = sub.add_parser(
+        "compare",
+        help="runs' validation histories side by side: table at shared steps, paired differences, curves",
+    )
+    s.add_argument("runs", nargs="+", help="run folders (or val_metrics.jsonl files); the first is the baseline")
+    s.add_argument("--names", help="comma-separated labels for the runs (default: their folder names)")
+    s.add_argument("--attributes", help="comma-separated attributes (default: all the first run validated)")
+    s.add_argument("--directions", action="store_true", help="edit success of each direction (on / off)")
+    s.add_argument("--out", help="also write the markdown here")
+    s.add_argument("--plot", help="PNG of the curves: summary measures and each attribute's edit success")
+    s.set_defaults(func=cmd_compare)
 
     s = sub.add_parser("grid", help="sample grid PNG of a model: every attribute flipped on split faces")
     s.add_argument("--model", required=True)

@@ -41,6 +41,7 @@ from training import distributed, losses
 from training.batchnorm import Batch, batchnorm_layers, freeze_batchnorm, recompute_batchnorm
 from training.checkpoints import load_networks, load_optimizers, read_training_checkpoint, write_training_checkpoint
 from training.config import TrainConfig
+from training.curves import validation_scalars
 from training.data import CachedFaces, DatasetError, StepSampler, sample_targets, step_generator
 from training.metrics import evaluate_generator, selection_score
 from training.networks import build_discriminator, build_generator
@@ -719,13 +720,8 @@ class Trainer:
         with open(self.run_dir / "val_metrics.jsonl", "a") as fh:
             fh.write(json.dumps(metrics) + "\n")
         if self.writer is not None:
-            scalars = ("psnr", "ssim", "mean_edit_success", "mean_d_edit_success", "mean_preservation")
-            for k in (*scalars, "mean_preservation_excl_implied", "score"):
-                if k in metrics:
-                    self.writer.add_scalar(f"val/{k}", metrics[k], self.step)
-            for k in ("kid_x1000", "background_change_worst"):
-                if k in realism:
-                    self.writer.add_scalar(f"val/{k}", realism[k], self.step)
+            for tag, value in validation_scalars(metrics).items():
+                self.writer.add_scalar(tag, value, self.step)
         log.info(
             "val step %d: psnr %.2f ssim %.3f edit %s (D takes %s) preserve %s (implied out %s) KIDx1000 %s "
             "background %s score %.4f",
