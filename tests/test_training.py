@@ -267,6 +267,19 @@ def test_classifier_evaluate_and_export(prepared_cache: Path, tmp_path: Path) ->
     assert "Test split evaluation" in card
     assert load_pretrained(out)[1].metrics["test"].get("realism") == recorded_realism
 
+    # another split, read by the run's own D from a training checkpoint: the release's report is left
+    # alone unless --out says where the files go
+    recorded_report = (out / "metrics.json").read_text()
+    run_d = ["--discriminator", str(tmp_path / "run" / "checkpoints" / "best.safetensors"), "--realism-faces", "0"]
+    cli([*evaluate, "--split", "val", *run_d])
+    assert (out / "metrics.json").read_text() == recorded_report
+    cli([*evaluate, "--split", "val", *run_d, "--out", str(tmp_path / "cross")])
+    cross = json.loads((tmp_path / "cross" / "metrics.json").read_text())
+    assert cross["split"] == "val" and cross["discriminator"].endswith("best.safetensors")
+    assert set(cross["d_real_accuracy"]) == set(cross["d_edit_success_on"]) == set(STGAN_ATTRIBUTES)
+    with pytest.raises(SystemExit):  # no checkpoint there: a clean error, not a traceback
+        cli([*evaluate, "--split", "val", "--realism-faces", "0", "--discriminator", str(tmp_path / "missing")])
+
     # calibrate the edit gain on val: written into config.json, test metrics at another gain dropped
     cmd = ["calibrate", "--model", str(out), "--cache-dir", str(prepared_cache), "--classifier", str(clf_dir)]
     cli([*cmd, "--gains", "1,2", "--min-preservation", "0", "--no-amp", "--realism-faces", "0"])
@@ -1095,6 +1108,15 @@ def test_validation_reports_how_often_the_discriminator_takes_an_edit_for_flippe
         want = (flip_targets(labels, i, groups)[:, i] == 1).float().mean().item()
         assert out["d_edit_success"][a] == pytest.approx(want)
     assert out["mean_d_edit_success"] == pytest.approx(np.mean(list(out["d_edit_success"].values())))
+    # by direction: every edit turning an attribute on is taken, none turning it off
+    for i, a in enumerate(attributes):
+        turned_on = (flip_targets(labels, i, groups)[:, i] == 1).any().item()
+        assert out["d_edit_success_on"][a] == (1.0 if turned_on else None)
+        turned_off = (flip_targets(labels, i, groups)[:, i] == 0).any().item()
+        assert out["d_edit_success_off"][a] == (0.0 if turned_off else None)
+    # on the real faces "always present" is right for the faces labelled with the attribute
+    for i, a in enumerate(attributes):
+        assert out["d_real_accuracy"][a] == pytest.approx(labels[:, i].mean().item())
     assert "d_edit_success" not in evaluate_generator(generator, images, labels, attributes, batch_size=4)
 
 

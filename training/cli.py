@@ -186,6 +186,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         realism_faces=args.realism_faces,
         realism_combined=args.realism_combined,
         realism_only=args.realism_only,
+        discriminator=args.discriminator,
     )
 
 
@@ -339,8 +340,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cache-dir", default=cache)
     s.add_argument("--split", default="test", choices=["train", "val", "test"])
     s.add_argument("--classifier", default="weights/classifier")
-    s.add_argument("--out", help="folder for metrics.json and metrics.md (default: next to the model)")
+    s.add_argument(
+        "--out",
+        help="folder for metrics.json and metrics.md (default: beside a checkpoint; a release folder only "
+        "for its recorded report: the full test split at its own gains with its own D)",
+    )
     s.add_argument("--limit", type=int, help="only the first N images of the split")
+    s.add_argument(
+        "--discriminator",
+        help="a release folder or training checkpoint whose D reads the edits (default: the model's own); "
+        "e.g. an earlier or later D of the same run, to see whether G satisfies D with the attribute",
+    )
     _precision_args(s)
     s.add_argument("--gain", type=float, help="edit gain to evaluate at (default: the model's own)")
     s.add_argument("--realism-faces", type=int, default=60, help="faces for the realism report (0: none)")

@@ -74,7 +74,7 @@ def metric(metrics: dict, key: str) -> float | None:
 
 def _is_fraction(key: str) -> bool:
     head = key.split(".")[0]
-    return head.startswith(("edit_success", "d_edit_success", "preservation")) or head in (
+    return head.startswith(("edit_success", "d_edit_success", "d_real_accuracy", "preservation")) or head in (
         "mean_edit_success",
         "mean_d_edit_success",
         "mean_preservation",
@@ -92,7 +92,16 @@ SUMMARY_SCALARS = (
     "score",
 )
 #: Per-attribute measures of a validation, each a TensorBoard group of its own (``val_edit_success/Male``).
-PER_ATTRIBUTE = ("edit_success", "edit_success_on", "edit_success_off", "d_edit_success", "preservation")
+PER_ATTRIBUTE = (
+    "edit_success",
+    "edit_success_on",
+    "edit_success_off",
+    "d_edit_success",
+    "d_edit_success_on",
+    "d_edit_success_off",
+    "d_real_accuracy",
+    "preservation",
+)
 
 
 def validation_scalars(metrics: dict) -> dict[str, float]:

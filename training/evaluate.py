@@ -9,10 +9,19 @@ from pathlib import Path
 import torch
 
 from models.attributes import EditGain, edit_gain_spec, gain_record, gain_text
-from models.checkpoint import CONFIG_FILE, DISCRIMINATOR_FILE, load_pretrained, read_config, read_tensors, write_config
+from models.checkpoint import (
+    CONFIG_FILE,
+    DISCRIMINATOR_FILE,
+    CheckpointError,
+    check_state_dict,
+    load_pretrained,
+    read_config,
+    read_tensors,
+    write_config,
+)
 from models.device import pick_device
 from models.generators import AttributeGenerator
-from training.checkpoints import ema_generator_from_checkpoint
+from training.checkpoints import ema_generator_from_checkpoint, read_training_checkpoint
 from training.config import TrainConfig
 from training.data import CachedFaces
 from training.export import update_metrics, write_release_samples
@@ -38,16 +47,27 @@ def load_generator(model: str | Path) -> tuple[AttributeGenerator, EditGain]:
 
 
 def load_discriminator(model: str | Path, gen: AttributeGenerator) -> torch.nn.Module | None:
-    """The discriminator a released folder ships (``discriminator.safetensors``), built from its training
-    config, or None (a training checkpoint, or a release without one)."""
-    folder = Path(model)
-    if not (folder.is_dir() and (folder / DISCRIMINATOR_FILE).is_file()):
-        return None
-    train_config = (read_config(folder).get("training") or {}).get("train_config") or {}
+    """The discriminator of a released folder (``discriminator.safetensors``, built from its training
+    config) or of a training checkpoint (its ``D``), or None (a release without one). ``gen`` gives the
+    attributes and image size; the discriminator must have been trained for the same attributes."""
+    path = Path(model)
+    if path.is_dir():
+        if not (path / DISCRIMINATOR_FILE).is_file():
+            return None
+        train_config = (read_config(path).get("training") or {}).get("train_config") or {}
+        tensors = {k: v.float() for k, v in read_tensors(path / DISCRIMINATOR_FILE).items()}
+    else:
+        all_tensors, meta = read_training_checkpoint(path)
+        train_config = json.loads(meta.get("train_config") or "{}")
+        tensors = {k[len("D.") :]: v.float() for k, v in all_tensors.items() if k.startswith("D.")}
     disc_preset = train_config.get("disc_preset", TrainConfig.disc_preset)
     cfg = TrainConfig(attributes=tuple(gen.config.attributes), disc_preset=disc_preset)
     discriminator = build_discriminator(cfg, gen.config.image_size)
-    discriminator.load_state_dict({k: v.float() for k, v in read_tensors(folder / DISCRIMINATOR_FILE).items()})
+    try:
+        check_state_dict(discriminator.state_dict(), tensors)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: its discriminator does not fit this generator's attributes ({exc})") from None
+    discriminator.load_state_dict(tensors)
     return discriminator.eval().to(gen_device(gen))
 
 
@@ -71,10 +91,13 @@ def evaluate_command(
     realism_faces: int = 60,
     realism_combined: int = 120,
     realism_only: bool = False,
+    discriminator: str | None = None,
 ) -> dict:
     """Evaluate at ``gain`` (default: the model's own edit gains). Only a full test-split run at the
     model's own gain is recorded in its config.json and card. ``realism_faces`` > 0 adds the
-    realism report (:mod:`training.realism`) on that many faces of the split."""
+    realism report (:mod:`training.realism`) on that many faces of the split. ``discriminator`` (a
+    release folder or a training checkpoint; default: the model's own) is the D whose verdict on the
+    edits is reported beside the classifier's; with another model's D the report is not recorded."""
     device = pick_device("auto")
     gen, own_gain = load_generator(model)
     gen = gen.to(device)
@@ -97,18 +120,25 @@ def evaluate_command(
         amp=amp,
         progress=True,
         gain=gain,
-        discriminator=load_discriminator(model, gen),
+        discriminator=load_discriminator(discriminator or model, gen),
     )
     metrics["split"] = split
+    if discriminator:
+        metrics["discriminator"] = str(discriminator)
     if realism_faces > 0:
         metrics["realism"] = _realism(
             gen, cache_dir, split, gain, RealismConfig(n_faces=realism_faces, n_combined=realism_combined), amp
         )
-    out_dir = Path(out) if out else (Path(model) if Path(model).is_dir() else Path(model).parent)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (out_dir / "metrics.md").write_text(markdown_table(metrics))
-    if Path(model).is_dir() and split == "test" and limit is None and gain == own_gain:
+    release = Path(model).is_dir()
+    recorded = release and split == "test" and limit is None and gain == own_gain and not discriminator
+    # a release folder's metrics.json / metrics.md are its recorded test report: any other evaluation
+    # of it writes files only where --out says (a checkpoint's go beside it)
+    out_dir = Path(out) if out else (Path(model) if recorded else None if release else Path(model).parent)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (out_dir / "metrics.md").write_text(markdown_table(metrics))
+    if recorded:
         recorded = (read_config(Path(model)).get("metrics") or {}).get("test") or {}
         if "realism" not in metrics and recorded.get("realism") and recorded.get("edit_gain", 1.0) == gain_record(gain):
             # the realism report depends on the generator and the gain only: a classifier-only re-run keeps it

@@ -100,7 +100,9 @@ def evaluate_generator(
     # edits the classifier reads as asked, by direction: [attribute, target value] (off = 0, on = 1)
     success_to = np.zeros((n_attr, 2))
     count_to = np.zeros((n_attr, 2))
-    d_success = np.zeros(n_attr)
+    d_success_to = np.zeros((n_attr, 2))  # D's classifier, the same split by direction
+    d_count_to = np.zeros((n_attr, 2))
+    d_real_correct = np.zeros(n_attr)  # D's classifier on the real faces, against their labels
     preserved = np.zeros(n_attr)
     preserved_count = np.zeros(n_attr)
     preserved_free = np.zeros(n_attr)  # the same, leaving out the attributes the edit implies
@@ -134,6 +136,10 @@ def evaluate_generator(
         psnrs_raw += p
         ssims_raw += s
         pred_src = classify(x) if classifier is not None else None
+        if discriminator is not None:
+            with autocast:
+                d_real = discriminator(x)[1]
+            d_real_correct += ((d_real.float() > 0).float() == c_src).float().sum(0).cpu().numpy()
         for i in range(n_attr):
             c_trg = flip_targets(c_src, i, groups)
             with autocast:
@@ -142,7 +148,10 @@ def evaluate_generator(
             if discriminator is not None:
                 with autocast:
                     d_logits = discriminator(x_edit)[1]
-                d_success[i] += ((d_logits.float()[:, i] > 0).float() == c_trg[:, i]).float().sum().item()
+                d_hit = ((d_logits.float()[:, i] > 0).float() == c_trg[:, i]).float()
+                d_on = c_trg[:, i] > 0.5
+                d_success_to[i] += (d_hit[~d_on].sum().item(), d_hit[d_on].sum().item())
+                d_count_to[i] += ((~d_on).sum().item(), d_on.sum().item())
             if pred_src is None:
                 continue
             pred = classify(x_edit.float())
@@ -170,19 +179,19 @@ def evaluate_generator(
     }
     if discriminator is not None:
         discriminator.train(d_was_training)
-        out["d_edit_success"] = {a: d_success[i] / n_total for i, a in enumerate(attributes)}
-        out["mean_d_edit_success"] = float(np.mean(d_success / n_total))
+        out["d_edit_success"] = {a: float(d_success_to[i].sum()) / n_total for i, a in enumerate(attributes)}
+        out["mean_d_edit_success"] = float(np.mean(d_success_to.sum(1) / n_total))
+        out |= _by_direction("d_edit_success", d_success_to, d_count_to, attributes)
+        # D's classifier on the real faces: high while it rejects the edits means D's verdict on fakes,
+        # not its reading of faces, is what G's classification loss follows
+        out["d_real_accuracy"] = {a: float(d_real_correct[i]) / n_total for i, a in enumerate(attributes)}
     if classifier is not None:
         out["edit_success"] = {a: float(success_to[i].sum()) / n_total for i, a in enumerate(attributes)}
         out["preservation"] = {a: preserved[i] / max(preserved_count[i], 1) for i, a in enumerate(attributes)}
         out["mean_edit_success"] = float(np.mean(list(out["edit_success"].values())))
         # the two directions apart (an attribute turned on, turned off): where an edit works only one way
-        # round, the mean hides it. None where no face of the images asked for that direction.
-        for key, value in (("edit_success_on", 1), ("edit_success_off", 0)):
-            out[key] = {
-                a: success_to[i, value] / count_to[i, value] if count_to[i, value] else None
-                for i, a in enumerate(attributes)
-            }
+        # round, the mean hides it
+        out |= _by_direction("edit_success", success_to, count_to, attributes)
         out["mean_preservation"] = float(np.mean(list(out["preservation"].values())))
         out["preservation_excl_implied"] = {
             a: preserved_free[i] / max(preserved_free_count[i], 1) for i, a in enumerate(attributes)
@@ -195,6 +204,21 @@ def evaluate_generator(
                 for i, a in enumerate(attributes)
             }
     return out
+
+
+def _by_direction(
+    name: str, hits: np.ndarray, counts: np.ndarray, attributes: tuple[str, ...]
+) -> dict[str, dict[str, float | None]]:
+    """``<name>_on`` / ``<name>_off``: per attribute, the share of the edits turning it on (off) that
+    were read as asked; None where no face asked for that direction. ``hits`` and ``counts`` are
+    (attributes, 2) with column 0 for off, 1 for on."""
+    return {
+        f"{name}_{direction}": {
+            a: float(hits[i, column] / counts[i, column]) if counts[i, column] else None
+            for i, a in enumerate(attributes)
+        }
+        for direction, column in (("on", 1), ("off", 0))
+    }
 
 
 #: The reconstruction targets: a checkpoint that misses them ranks below every one that meets them.

@@ -162,6 +162,7 @@ def markdown_table(metrics: dict) -> str:
     if "edit_success" in metrics:
         gain = metrics.get("edit_gain", 1.0)
         d_success = metrics.get("d_edit_success")
+        d_real = metrics.get("d_real_accuracy")  # absent from reports written before 2026-12-03
         free = metrics.get("preservation_excl_implied")  # absent from reports written before 2026-12-01
         lines += [
             f"Edits flip one attribute with a difference of ±1 (a slider's end), edit gain {gain_text(gain)}."
@@ -170,6 +171,13 @@ def markdown_table(metrics: dict) -> str:
                 " accepts; far above the edit success, the generator satisfies D with something that is not"
                 " the attribute."
                 if d_success
+                else ""
+            )
+            + (
+                " *D reads real faces*: its classifier's accuracy on the unedited faces' labels; high while"
+                " it rejects edits the independent classifier accepts, D's verdict on fakes has moved away"
+                " from the attribute (a training discriminator learns to reject edits)."
+                if d_real
                 else ""
             )
             + (
@@ -183,19 +191,22 @@ def markdown_table(metrics: dict) -> str:
             "| attribute | edit success | preservation |"
             + (" preservation, implied left out |" if free else "")
             + " mask mean |"
-            + (" D takes for flipped |" if d_success else ""),
-            "|---|---|---|---|" + ("---|" if free else "") + ("---|" if d_success else ""),
+            + (" D takes for flipped |" if d_success else "")
+            + (" D reads real faces |" if d_real else ""),
+            "|---|---|---|---|" + ("---|" if free else "") + ("---|" if d_success else "") + ("---|" if d_real else ""),
         ]
         for a, v in metrics["edit_success"].items():
             row = f"| {a} | {v:.1%} | {metrics['preservation'][a]:.1%} |"
             row += f" {free[a]:.1%} |" if free else ""
             row += f" {metrics['mask_mean'][a]:.3f} |"
-            lines.append(row + (f" {d_success[a]:.1%} |" if d_success else ""))
+            row += f" {d_success[a]:.1%} |" if d_success else ""
+            lines.append(row + (f" {d_real[a]:.1%} |" if d_real else ""))
         lines.append(
             f"| **mean** | **{metrics['mean_edit_success']:.1%}** | **{metrics['mean_preservation']:.1%}** | "
             + (f"**{metrics['mean_preservation_excl_implied']:.1%}** | " if free else "")
             + f"{np.mean(list(metrics['mask_mean'].values())):.3f} |"
             + (f" {metrics['mean_d_edit_success']:.1%} |" if d_success else "")
+            + (f" {np.mean(list(d_real.values())):.1%} |" if d_real else "")
         )
     if metrics.get("realism"):
         lines += ["", realism_markdown(metrics["realism"])]
