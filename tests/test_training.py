@@ -991,6 +991,36 @@ def test_discriminator_loss_adds_the_fake_classification_term_only_when_asked(
     assert total == pytest.approx(base + 2.0 * logs["d_cls_fake"], rel=1e-5)
     with pytest.raises(ValueError, match="c_trg"):
         d_loss(with_fake)
+    # limited to one attribute: the term over that attribute's changed entries only
+    first = cfg.attributes[0]
+    c_trg_first = c_src.clone()
+    c_trg_first[:, 0] = 1 - c_src[:, 0]
+    c_trg_first[:, 1] = 1 - c_src[:, 1]  # a second attribute changes too, outside the covered set
+    _, logs = d_loss(dataclasses.replace(with_fake, d_cls_fake_attributes=(first,)), c_trg=c_trg_first)
+    _, logs_all = d_loss(with_fake, c_trg=c_trg_first)
+    assert logs["d_cls_fake"] != pytest.approx(logs_all["d_cls_fake"])
+
+
+def test_fake_classification_term_covers_only_the_named_attributes() -> None:
+    from training.losses import fake_attribute_bce
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, 4)
+    c_src = torch.tensor([[0, 1, 0, 0], [1, 0, 0, 1], [0, 0, 1, 0], [1, 1, 0, 0], [0, 0, 0, 1]]).float()
+    c_trg = c_src.clone()
+    c_trg[:, 0] = 1 - c_trg[:, 0]  # every face: attribute 0 flipped
+    c_trg[1, 2] = 1  # one face: attribute 2 as well
+    loss_all, _ = fake_attribute_bce(logits, c_trg, c_src)
+    only_first, _ = fake_attribute_bce(logits, c_trg, c_src, torch.tensor([1.0, 0, 0, 0]))
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    assert only_first.item() == pytest.approx(bce(logits[:, 0], c_src[:, 0]).item(), rel=1e-5)
+    terms = [bce(logits[i, 0], c_src[i, 0]) for i in range(5)] + [bce(logits[1, 2], c_src[1, 2])]
+    assert loss_all.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)
+    none_covered, _ = fake_attribute_bce(logits, c_trg, c_src, torch.tensor([0.0, 1, 0, 1]))  # none changed
+    assert none_covered.item() == 0.0
+    with pytest.raises(ValueError, match="d_cls_fake_attributes"):
+        TrainConfig(d_cls_fake_attributes=("Not_An_Attribute",))
+    assert TrainConfig(d_cls_fake_attributes=["Bald"]).d_cls_fake_attributes == ("Bald",)  # JSON gives lists
 
 
 @pytest.mark.parametrize("use_r1", [False, True])

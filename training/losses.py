@@ -96,11 +96,16 @@ def kept_attribute_consistency(
     return loss, {"g_cls_kept": loss.item()}
 
 
-def fake_attribute_bce(logits: torch.Tensor, c_trg: torch.Tensor, c_src: torch.Tensor) -> tuple[torch.Tensor, Logs]:
+def fake_attribute_bce(
+    logits: torch.Tensor, c_trg: torch.Tensor, c_src: torch.Tensor, covered: torch.Tensor | None = None
+) -> tuple[torch.Tensor, Logs]:
     """D's classifier on edits: BCE towards the *source* value over only the attributes each edit
     changes (mean over those terms; 0 when nothing changes), so an edit is not taken for the attribute
-    until it looks like real faces that have it."""
+    until it looks like real faces that have it. ``covered`` (n_attrs,) of 0/1 limits it to some
+    attributes (``TrainConfig.d_cls_fake_attributes``)."""
     changed = (c_trg != c_src).float()
+    if covered is not None:
+        changed = changed * covered.to(changed)
     terms = F.binary_cross_entropy_with_logits(logits.float(), c_src.float(), reduction="none") * changed
     loss = terms.sum() / changed.sum().clamp_min(1.0)
     return loss, {"d_cls_fake": loss.item()}
@@ -247,7 +252,11 @@ def discriminator_loss(
     if cfg.lambda_d_cls_fake > 0:
         if c_trg is None:
             raise ValueError("lambda_d_cls_fake needs the edits' targets (c_trg)")
-        d_cls_fake, lg = fake_attribute_bce(fake_cls, c_trg, c_src)
+        covered = None
+        if cfg.d_cls_fake_attributes:
+            names = set(cfg.d_cls_fake_attributes)
+            covered = torch.tensor([float(a in names) for a in cfg.attributes], device=fake_cls.device)
+        d_cls_fake, lg = fake_attribute_bce(fake_cls, c_trg, c_src, covered)
         logs |= lg
         d_loss = d_loss + cfg.lambda_d_cls_fake * d_cls_fake
     if cfg.gan_loss == "wgan":
