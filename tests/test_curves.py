@@ -76,11 +76,12 @@ def test_paired_difference_uses_only_the_steps_both_runs_validated(tmp_path: Pat
     assert paired_difference(base, other, "edit_success_on.Male") is None
 
 
-def test_report_rows_are_the_shared_steps_and_directions_are_columns(tmp_path: Path) -> None:
+def test_report_rows_are_every_validated_step_and_directions_are_columns(tmp_path: Path) -> None:
     a = load_history(_write_run(tmp_path / "a", [_validation(s, 0.9, 0.9, male_on=0.8) for s in (100, 200, 300)]))
     b = load_history(_write_run(tmp_path / "b", [_validation(s, 0.7, 0.5, male_on=0.3) for s in (200, 300)]), "bf16")
     report = compare_report([a, b], ["Male"], directions=True)
-    assert "| 200 |" in report and "| 300 |" in report and "| 100 |" not in report
+    assert "| 200 |" in report and "| 300 |" in report
+    assert "| 100 | 90.0 / – |" in report  # a step only the first run validated
     assert "Male on %" in report and "Male off %" in report and "Bald" not in report
     assert "80.0 / 30.0" in report  # Male on, first / second
     assert "| bf16 | -20.0 ± 0.0 (n 2)" in report  # mean edit, paired

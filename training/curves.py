@@ -1,5 +1,5 @@
-"""Runs' validation histories (``val_metrics.jsonl``) side by side: a markdown table at the steps they
-share, the paired differences against the first run, and a chart of each attribute's edit success
+"""Runs' validation histories (``val_metrics.jsonl``) side by side: a markdown table of every validated
+step, the paired differences against the first run (over the steps each pair shares), and a chart of each attribute's edit success
 over the steps (``python -m training compare``).
 
 The question this answers is the one an A/B of two recipes, or a continuation of a release, asks:
@@ -149,11 +149,13 @@ def _cell(values: list[float | None], key: str) -> str:
 
 
 def comparison_table(runs: list[RunHistory], columns: list[tuple[str, str]]) -> str:
-    """Markdown: one row per step the runs share, each cell ``first / second / …``."""
+    """Markdown: one row per step any run validated, each cell ``first / second / …`` (– where a run
+    has no such validation or measure)."""
     head = "| step | " + " | ".join(label for label, _ in columns) + " |"
     lines = [f"Runs: {' / '.join(r.name for r in runs)}", "", head, "|---" * (len(columns) + 1) + "|"]
-    for step in shared_steps(runs):
-        cells = [_cell([metric(r.by_step[step], key) for r in runs], key) for _, key in columns]
+    for step in sorted({s for run in runs for s in run.by_step}):
+        found = [run.by_step.get(step) for run in runs]
+        cells = [_cell([None if m is None else metric(m, key) for m in found], key) for _, key in columns]
         lines.append(f"| {step} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
