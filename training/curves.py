@@ -1,6 +1,6 @@
-"""Runs' validation histories (``val_metrics.jsonl``) side by side: a markdown table of every validated
-step, the paired differences against the first run (over the steps each pair shares), and a chart of each attribute's edit success
-over the steps (``python -m training compare``).
+"""Runs' validation histories (``val_metrics.jsonl``) side by side: a markdown table of every
+validated step, the paired differences against the first run (over the steps each pair shares), and a
+chart of each attribute's edit success over the steps (``python -m training compare``).
 
 The question this answers is the one an A/B of two recipes, or a continuation of a release, asks:
 "did the other run do better at the same step, by more than the runs' own noise?", and where a mean
