@@ -77,8 +77,9 @@ class TrainConfig:
     #: reject, and the edits can drift from the attribute. Continuing the served MU-GAN with it on
     #: every attribute lost woman -> man 94 -> 33 % in 2,000 steps (the release's own D took the drifted
     #: edits for male, 92 %, and its real ones for female); without it (session 33) Male, Mustache and
-    #: the background held or improved within 750 steps, but Bald, the rarest label, fell 77 -> 21 %
-    #: while D took 99 % of its edits for bald. So: only where D is fooled, e.g. ``("Bald",)``.
+    #: the background held or improved within 1,000 steps, but Bald, the rarest label, fell 77 -> 11 %
+    #: while D took 99 % of its edits for bald; at 0.25 on all, 750 steps kept every slider (Bald 89 %).
+    #: Limited here, the covered terms keep the weight they have in the full term (``fake_attribute_bce``).
     d_cls_fake_attributes: tuple[str, ...] = ()
     #: Class-balanced BCE for D's classifier on real faces: positives weigh 0.5/p and negatives
     #: 0.5/(1-p) (p: the attribute's training frequency), capped at this; 1 turns it off. Rare labels
