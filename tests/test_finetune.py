@@ -354,3 +354,16 @@ def test_a_mugan_release_warm_starts_a_run_with_more_skip_levels(prepared_cache:
     with torch.no_grad():
         for got, want in zip(trainer.G_ema.eval()(x, c), released.float()(x, c), strict=True):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["mugan", "stgan"])
+def test_the_continue_recipe_is_the_served_models_own_with_a_quarter_of_the_fake_term(name: str) -> None:
+    """``training/recipes/<name>-continue-cpu.json`` is what README's "Retrain the served model" trains with:
+    the release's stored train config, except D's fake-classification term at 0.25 (session 33: at 1 every
+    continuation lost its masculinising edits) and how often it validates."""
+    recipe = json.loads(Path(f"training/recipes/{name}-continue-cpu.json").read_text())
+    served = json.loads(Path(f"weights/{name}/config.json").read_text())["training"]["train_config"]
+    assert TrainConfig.from_dict(recipe).lambda_d_cls_fake == 0.25
+    machine_or_run = {"init_from", "threads", "eval_every", "lambda_d_cls_fake"}
+    differs = {k for k in set(recipe) | set(served) if recipe.get(k) != served.get(k)} - machine_or_run
+    assert not differs, f"{name}-continue-cpu.json differs from weights/{name}'s train config in {sorted(differs)}"
