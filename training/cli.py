@@ -239,7 +239,14 @@ def cmd_grid(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from training.curves import SUMMARY, attribute_keys, compare_report, load_history, plot_curves
+    from training.curves import (
+        SUMMARY,
+        attribute_keys,
+        compare_report,
+        load_history,
+        plot_curves,
+        validated_attributes,
+    )
 
     names = args.names.split(",") if args.names else [None] * len(args.runs)
     if len(names) != len(args.runs):
@@ -251,9 +258,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     if args.out:
         Path(args.out).write_text(report)
     if args.plot:
-        if attributes is None:
-            attributes = list(next(iter(runs[0].by_step.values()), {}).get("edit_success", {}))
-        panels = list(SUMMARY) + attribute_keys(attributes, args.directions)
+        panels = list(SUMMARY) + attribute_keys(attributes or validated_attributes(runs[0]), args.directions)
         plot_curves(runs, panels).save(args.plot)
         log.info("wrote %s (%d panels, %d runs)", args.plot, len(panels), len(runs))
 

@@ -124,6 +124,15 @@ def validation_scalars(metrics: dict) -> dict[str, float]:
     return out
 
 
+def validated_attributes(run: RunHistory) -> list[str]:
+    """The attributes a run's first validation reported edit success for."""
+    return list(next(iter(run.by_step.values()), {}).get("edit_success", {}))
+
+
+def _digits(key: str) -> int:
+    return 3 if key == "score" else 1
+
+
 def attribute_keys(attributes: list[str], directions: bool) -> list[tuple[str, str]]:
     """(label, key) columns for each attribute's edit success, or for both of its directions."""
     out: list[tuple[str, str]] = []
@@ -144,8 +153,7 @@ def shared_steps(runs: list[RunHistory]) -> list[int]:
 
 
 def _cell(values: list[float | None], key: str) -> str:
-    digits = 3 if key == "score" else 1
-    return " / ".join("–" if v is None else f"{v:.{digits}f}" for v in values)
+    return " / ".join("–" if v is None else f"{v:.{_digits(key)}f}" for v in values)
 
 
 def comparison_table(runs: list[RunHistory], columns: list[tuple[str, str]]) -> str:
@@ -199,8 +207,8 @@ def paired_summary(runs: list[RunHistory], columns: list[tuple[str, str]]) -> st
             if diff is None:
                 cells.append("–")
                 continue
-            digits = 3 if key == "score" else 1
-            cells.append(f"{diff.mean:+.{digits}f} ± {diff.sd:.{digits}f} (n {diff.n})")
+            d = _digits(key)
+            cells.append(f"{diff.mean:+.{d}f} ± {diff.sd:.{d}f} (n {diff.n})")
         lines.append(f"| {other.name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -259,11 +267,10 @@ def _panel(
         y = plot_b - (value - v_min) / (v_max - v_min) * (plot_b - plot_t)
         return x, y
 
-    digits = 3 if key == "score" else 1
     for value in (v_min + pad, v_max - pad):
         _, y = to_xy(s_min, value)
         draw.line((plot_l - 3, y, plot_l, y), fill="#666666")
-        draw.text((left + 2, y - 6), f"{value:.{digits}f}", fill="#444444")
+        draw.text((left + 2, y - 6), f"{value:.{_digits(key)}f}", fill="#444444")
     for step in (s_min, s_max):
         x, _ = to_xy(step, v_min)
         draw.text((min(x, plot_r - 30) - 4, plot_b + 4), str(step), fill="#444444")
@@ -280,7 +287,7 @@ def compare_report(runs: list[RunHistory], attributes: list[str] | None = None, 
     """The markdown ``python -m training compare`` prints: the summary measures, each attribute's edit
     success (or both directions), and with two runs or more the paired differences of them all."""
     if attributes is None:
-        attributes = list(next(iter(runs[0].by_step.values()), {}).get("edit_success", {}))
+        attributes = validated_attributes(runs[0])
     summary = list(SUMMARY)
     per_attribute = attribute_keys(attributes, directions)
     parts = [comparison_table(runs, summary), comparison_table(runs, per_attribute)]

@@ -97,11 +97,11 @@ def evaluate_generator(
     ssims: list[float] = []
     psnrs_raw: list[float] = []
     ssims_raw: list[float] = []
-    # edits the classifier reads as asked, by direction: [attribute, target value] (off = 0, on = 1)
-    success_to = np.zeros((n_attr, 2))
+    # edits asked for, and those the classifier (D's classifier) reads as asked, by direction:
+    # [attribute, target value] (off = 0, on = 1)
     count_to = np.zeros((n_attr, 2))
-    d_success_to = np.zeros((n_attr, 2))  # D's classifier, the same split by direction
-    d_count_to = np.zeros((n_attr, 2))
+    success_to = np.zeros((n_attr, 2))
+    d_success_to = np.zeros((n_attr, 2))
     d_real_correct = np.zeros(n_attr)  # D's classifier on the real faces, against their labels
     preserved = np.zeros(n_attr)
     preserved_count = np.zeros(n_attr)
@@ -145,20 +145,16 @@ def evaluate_generator(
             with autocast:
                 x_edit, mask = generator.decode(encoded, condition_vector(c_src, c_trg - c_src, mode, gains))
             mask_means[i] += mask.float().mean(dim=(1, 2, 3)).sum().item()
+            turned_on = c_trg[:, i] > 0.5
+            count_to[i] += ((~turned_on).sum().item(), turned_on.sum().item())
             if discriminator is not None:
                 with autocast:
                     d_logits = discriminator(x_edit)[1]
-                d_hit = ((d_logits.float()[:, i] > 0).float() == c_trg[:, i]).float()
-                d_on = c_trg[:, i] > 0.5
-                d_success_to[i] += (d_hit[~d_on].sum().item(), d_hit[d_on].sum().item())
-                d_count_to[i] += ((~d_on).sum().item(), d_on.sum().item())
+                d_success_to[i] += _hits_by_direction(d_logits.float()[:, i] > 0, turned_on)
             if pred_src is None:
                 continue
             pred = classify(x_edit.float())
-            hit = (pred[:, i] == c_trg[:, i]).float()
-            turned_on = c_trg[:, i] > 0.5
-            success_to[i] += (hit[~turned_on].sum().item(), hit[turned_on].sum().item())
-            count_to[i] += ((~turned_on).sum().item(), turned_on.sum().item())
+            success_to[i] += _hits_by_direction(pred[:, i] > 0.5, turned_on)
             keep = (c_trg == c_src).float()  # attributes this edit does not ask to change
             keep[:, i] = 0
             preserved[i] += ((pred == pred_src).float() * keep).sum().item()
@@ -181,7 +177,7 @@ def evaluate_generator(
         discriminator.train(d_was_training)
         out["d_edit_success"] = {a: float(d_success_to[i].sum()) / n_total for i, a in enumerate(attributes)}
         out["mean_d_edit_success"] = float(np.mean(d_success_to.sum(1) / n_total))
-        out |= _by_direction("d_edit_success", d_success_to, d_count_to, attributes)
+        out |= _by_direction("d_edit_success", d_success_to, count_to, attributes)
         # D's classifier on the real faces: high while it rejects the edits means D's verdict on fakes,
         # not its reading of faces, is what G's classification loss follows
         out["d_real_accuracy"] = {a: float(d_real_correct[i]) / n_total for i, a in enumerate(attributes)}
@@ -204,6 +200,13 @@ def evaluate_generator(
                 for i, a in enumerate(attributes)
             }
     return out
+
+
+def _hits_by_direction(read_on: torch.Tensor, turned_on: torch.Tensor) -> tuple[float, float]:
+    """Edits read as asked (the attribute read as present exactly where it was turned on), as
+    (among those turning it off, among those turning it on)."""
+    hit = (read_on == turned_on).float()
+    return hit[~turned_on].sum().item(), hit[turned_on].sum().item()
 
 
 def _by_direction(
